@@ -1,0 +1,45 @@
+# Every target does its own setup: a virtualenv in .venv, dependencies, generated code.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PROTOS  := $(shell find protos -name '*.proto')
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup proto run test test-unit test-integration lint format bench model clean
+
+setup: $(STAMP) proto
+
+$(STAMP): pyproject.toml requirements.lock
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+# Generated code mirrors the proto packages (loraplex/<svc>/v1/...), so imports need no fixing.
+proto: $(STAMP) loraplex/.generated
+
+loraplex/.generated: $(PROTOS)
+	rm -rf loraplex
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	touch loraplex/.generated
+
+run: setup
+	$(BIN)/python -m services.stack
+
+test: setup
+	$(BIN)/python -m pytest
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+model: setup
+	$(BIN)/python -m models.build_base
+	$(BIN)/python -m models.build_adapters
+
+clean:
+	rm -rf loraplex .pytest_cache .ruff_cache

@@ -1,0 +1,67 @@
+"""The FastAPI application, built from its dependencies (nothing global, nothing opened)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import grpc
+import redis.asyncio as aioredis
+from fastapi import FastAPI
+
+from gateway import admin_routes, openai_routes, ops_routes
+from gateway.deps import Gateway
+from gateway.errors import install_error_handlers
+from gateway.middleware import BodyLimitMiddleware, MetricsMiddleware, UnhandledErrorMiddleware
+from gateway.settings import GatewaySettings
+from services.common.server import MAX_MESSAGE_BYTES
+
+
+def open_inference_channel(addr: str) -> grpc.aio.Channel:
+    """An insecure channel to the inference service that can carry whole adapter uploads
+    (gRPC's default limit is 4 MiB a message). Call it inside the event loop that uses it."""
+    return grpc.aio.insecure_channel(
+        addr,
+        options=[
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+
+
+def create_app(
+    settings: GatewaySettings,
+    *,
+    redis: aioredis.Redis,
+    inference_channel: grpc.aio.Channel,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> FastAPI:
+    """The caller owns `redis` and `inference_channel`; `on_shutdown` (e.g. closing them)
+    runs when the server stops the app. It has to run there, inside the lifespan: uvicorn
+    re-raises a caught SIGTERM once it has stopped, so code after its serve() never runs."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            await on_shutdown()
+
+    app = FastAPI(
+        title="loraplex gateway",
+        summary="OpenAI-compatible and admin HTTP API over the loraplex services",
+        lifespan=lifespan,
+    )
+    app.state.gateway = Gateway(settings, redis, inference_channel)
+    install_error_handlers(app)
+    app.include_router(openai_routes.router)
+    app.include_router(admin_routes.router)
+    app.include_router(ops_routes.router)
+    # Added last = outermost: metrics also count the 413s and 500s the others produce.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limit=settings.max_request_bytes,
+        prefix_limits={admin_routes.router.prefix + "/": settings.max_upload_bytes},
+    )
+    app.add_middleware(UnhandledErrorMiddleware)
+    app.add_middleware(MetricsMiddleware)
+    return app

@@ -1,0 +1,95 @@
+"""What the routes share (clients of Redis and the services), and authentication.
+
+create_app() puts one Gateway on app.state; routes receive it and the caller's identity
+through FastAPI dependencies, so nothing here is a module-level global.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Annotated
+
+import grpc
+import redis.asyncio as aioredis
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from grpc_health.v1 import health_pb2_grpc
+
+from gateway.keys import TenantKeyStore
+from gateway.settings import GatewaySettings
+from loraplex.inference.v1 import inference_service_pb2 as pb
+from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.errors import Unauthenticated
+
+
+class Gateway:
+    def __init__(
+        self, settings: GatewaySettings, redis: aioredis.Redis, inference_channel: grpc.aio.Channel
+    ) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = TenantKeyStore(redis)
+        self.inference = pb_grpc.InferenceServiceStub(inference_channel)
+        self.inference_health = health_pb2_grpc.HealthStub(inference_channel)
+        # Deadline for every gRPC call made for a request.
+        self.timeout = settings.request_timeout_seconds
+        admin = settings.admin_key
+        self._admin_digest = _digest(admin.get_secret_value()) if admin else None
+        self._model_info: pb.GetModelInfoResponse | None = None
+
+    async def model_info(self) -> pb.GetModelInfoResponse:
+        """The base model's description; it cannot change while inference runs, so the first
+        successful answer is kept."""
+        if self._model_info is None:
+            self._model_info = await self.inference.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self.timeout
+            )
+        return self._model_info
+
+    def is_admin_key(self, presented: str) -> bool:
+        # Comparing fixed-length digests in constant time leaks neither content nor length.
+        return self._admin_digest is not None and hmac.compare_digest(
+            _digest(presented), self._admin_digest
+        )
+
+
+def _digest(secret: str) -> bytes:
+    return hashlib.sha256(secret.encode()).digest()
+
+
+def get_gateway(request: Request) -> Gateway:
+    return request.app.state.gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+# auto_error=False: a missing header must give our 401 body, not FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+async def authenticate_tenant(gateway: GatewayDep, credentials: Credentials) -> str:
+    """`Authorization: Bearer <api key>` -> the tenant that owns the key."""
+    if credentials is None:
+        raise Unauthenticated(
+            "missing API key: send the header 'Authorization: Bearer <key>'",
+            reason="API_KEY_MISSING",
+        )
+    tenant = await gateway.keys.resolve(credentials.credentials)
+    if tenant is None:
+        raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
+    return tenant
+
+
+async def require_admin(gateway: GatewayDep, credentials: Credentials) -> None:
+    """Admin routes accept only the admin key; anything else (tenant keys too) is a 401."""
+    if gateway.settings.admin_key is None:
+        raise Unauthenticated(
+            "the admin API is disabled: no admin key is configured (LORAPLEX_ADMIN_KEY)",
+            reason="ADMIN_DISABLED",
+        )
+    if credentials is None or not gateway.is_admin_key(credentials.credentials):
+        raise Unauthenticated("missing or invalid admin key", reason="ADMIN_KEY_INVALID")
+
+
+TenantDep = Annotated[str, Depends(authenticate_tenant)]

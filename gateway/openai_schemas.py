@@ -1,0 +1,151 @@
+"""Request bodies of the OpenAI-compatible routes, and model-name resolution.
+
+The gateway checks only the HTTP shape: that values fit their proto fields and that no
+option is set which would be silently ignored. Ranges and limits (temperature, the
+max_new_tokens ceiling, whether an adapter exists) are the inference service's to judge.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from loraplex.common.v1 import common_pb2
+from loraplex.inference.v1 import inference_service_pb2 as pb
+from services.common.errors import InvalidArgument
+
+UINT32_MAX = 2**32 - 1
+INT32_MAX = 2**31 - 1
+_VERSIONED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]+)$")
+
+Float = Annotated[float, Field(allow_inf_nan=False)]
+MaxTokens = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+
+
+def parse_model(model: str, base_model_id: str) -> common_pb2.AdapterRef:
+    """The OpenAI `model` field -> the adapter to use: the base model's id selects no
+    adapter, "name@3" pins version 3, any other string is an adapter's current version."""
+    if model == base_model_id:
+        return common_pb2.AdapterRef()
+    match = _VERSIONED.fullmatch(model)
+    if match is None:
+        return common_pb2.AdapterRef(name=model, version=0)
+    version = int(match["version"])
+    if version > UINT32_MAX:
+        raise InvalidArgument(
+            f"adapter version {version} is out of range", reason="INVALID_ADAPTER_VERSION"
+        )
+    return common_pb2.AdapterRef(name=match["name"], version=version)
+
+
+class GenerationRequest(BaseModel):
+    # Unknown fields are allowed (clients send new options all the time); the ones that
+    # would change the output and that we cannot honour are named in `unsupported`.
+    model_config = ConfigDict(extra="allow")
+    unsupported: ClassVar[tuple[str, ...]] = ()
+
+    model: str = Field(min_length=1)
+    temperature: Float | None = None
+    top_p: Float | None = None
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+    stop: str | list[str] | None = None
+    n: int | None = 1
+    stream: bool | None = False
+    user: str | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, n: int | None) -> int | None:
+        if n not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return n
+
+    @field_validator("stream")
+    @classmethod
+    def _no_streaming(cls, stream: bool | None) -> bool | None:
+        if stream:
+            raise ValueError("streaming is not supported yet")
+        return stream
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> GenerationRequest:
+        extra = self.model_extra or {}
+        used = [name for name in self.unsupported if extra.get(name)]
+        if used:
+            raise ValueError(f"not supported: {', '.join(used)}")
+        return self
+
+    def sampling_params(self, max_tokens: int) -> pb.SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return pb.SamplingParams(
+            max_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            stop=stop,
+        )
+
+
+class CompletionRequest(GenerationRequest):
+    unsupported = (
+        "echo",
+        "logprobs",
+        "suffix",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+    )
+
+    prompt: str
+    max_tokens: MaxTokens | None = None
+
+    DEFAULT_MAX_TOKENS: ClassVar[int] = 16  # OpenAI's default for completions
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _single_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be a string or a list of exactly one string")
+        return prompt
+
+
+class ChatMessageIn(BaseModel):
+    # "developer" is what newer OpenAI clients send in place of "system".
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, content: Any) -> Any:
+        """Content given as [{"type": "text", "text": ...}, ...] is joined into one string."""
+        if not isinstance(content, list):
+            return content
+        if not all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+            raise ValueError("only text content parts are supported")
+        return "".join(str(p.get("text", "")) for p in content)
+
+    def to_proto(self) -> pb.ChatMessage:
+        role = "system" if self.role == "developer" else self.role
+        return pb.ChatMessage(role=role, content=self.content)
+
+
+class ChatCompletionRequest(GenerationRequest):
+    unsupported = (
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "functions",
+        "logit_bias",
+        "presence_penalty",
+        "frequency_penalty",
+        "audio",
+    )
+
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_tokens: MaxTokens | None = None
+    # The newer name of max_tokens; either may be sent.
+    max_completion_tokens: MaxTokens | None = None

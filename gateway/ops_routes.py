@@ -1,0 +1,67 @@
+"""Probes and metrics: /healthz (the process answers), /readyz (its dependencies answer),
+/metrics (Prometheus). No authentication: they are for the platform, and reveal no data."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+import prometheus_client
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from grpc_health.v1 import health_pb2
+
+from gateway.deps import Gateway, GatewayDep
+from loraplex.inference.v1 import inference_service_pb2 as pb
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["ops"])
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+OK = "ok"
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": OK}
+
+
+async def _check_redis(gateway: Gateway) -> str:
+    try:
+        await asyncio.wait_for(gateway.redis.ping(), gateway.settings.health_timeout_seconds)
+    except Exception as err:  # any failure means "not ready"; the reason goes to the log
+        log.warning("redis is not ready", extra={"error": repr(err)})
+        return "unreachable"
+    return OK
+
+
+async def _check_inference(gateway: Gateway) -> str:
+    try:
+        reply = await gateway.inference_health.Check(
+            health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE),
+            timeout=gateway.settings.health_timeout_seconds,
+        )
+    except grpc.aio.AioRpcError as err:
+        return err.code().name  # UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND, ...
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return OK
+
+
+@router.get("/readyz")
+async def readyz(gateway: GatewayDep) -> JSONResponse:
+    redis, inference = await asyncio.gather(_check_redis(gateway), _check_inference(gateway))
+    checks = {"redis": redis, "inference": inference}
+    ready = all(v == OK for v in checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not ready", "checks": checks},
+        status_code=200 if ready else 503,
+    )
+
+
+@router.get("/metrics")
+async def metrics() -> Response:
+    return Response(
+        prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST
+    )

@@ -1,0 +1,27 @@
+"""Gateway settings: config/gateway.yaml, overridden by environment variables."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import Field, SecretStr
+
+from services.common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    yaml_name: ClassVar[str] = "gateway"
+
+    port: int = 8080
+    # host:port of the inference service's gRPC server (env INFERENCE_ADDR).
+    inference_addr: str = "127.0.0.1:50051"
+    # The key that unlocks /admin (env LORAPLEX_ADMIN_KEY only: the project-wide name, and
+    # no ADMIN_KEY alias to collide with). Unset: the admin API refuses every request.
+    admin_key: SecretStr | None = Field(default=None, validation_alias="loraplex_admin_key")
+    # Deadline of every gRPC call made on behalf of an HTTP request.
+    request_timeout_seconds: float = Field(default=120.0, gt=0)
+    # Deadline of the dependency checks behind /readyz (kept short: probes time out fast).
+    health_timeout_seconds: float = Field(default=2.0, gt=0)
+    # Largest request body accepted; adapter uploads under /admin get the larger limit.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
+    max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=0)

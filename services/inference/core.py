@@ -1,0 +1,297 @@
+"""The inference domain layer: adapter registration, resolution, caching and generation.
+
+No gRPC here: the servicer translates protos to these calls. The model runs on one worker
+thread; adapter parsing and file I/O run on the default thread pool so they do not queue
+behind generations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+import redis.asyncio as aioredis
+
+from services.common.errors import InvalidArgument, Unavailable
+from services.common.keys import PLATFORM
+from services.common.names import check_adapter_name, check_tenant
+from services.inference.cache import AdapterCache, CacheSnapshot
+from services.inference.engine import Engine, Generation, SamplingConfig, TokenScores
+from services.inference.lora import LoraWeights, parse_adapter
+from services.inference.registry import AdapterRecord, AdapterRegistry
+from services.inference.settings import InferenceSettings
+from services.inference.store import AdapterStore, collect_files
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+MAX_STOP_SEQUENCES = 4
+CHAT_ROLES = {"system", "user", "assistant"}
+
+
+@dataclass(frozen=True)
+class SamplingRequest:
+    """Sampling parameters as the caller sent them (None: not set)."""
+
+    max_new_tokens: int
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerateResult:
+    generation: Generation
+    adapter: AdapterRecord | None
+    queue_seconds: float
+
+
+class InferenceCore:
+    def __init__(self, settings: InferenceSettings, redis: aioredis.Redis) -> None:
+        self.settings = settings
+        self.registry = AdapterRegistry(redis)
+        self.store = AdapterStore(settings.adapter_store_dir)
+        self.cache = AdapterCache(settings.adapter_cache_bytes)
+        self._engine: Engine | None = None
+        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
+    async def start(self) -> None:
+        """Load the base model (seconds to minutes); until then requests get UNAVAILABLE."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        self._engine = await loop.run_in_executor(
+            self._model_thread, Engine, s.model_dir, s.device, s.dtype
+        )
+
+    def close(self) -> None:
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
+        return self._engine
+
+    @property
+    def max_new_tokens_limit(self) -> int:
+        return min(self.settings.max_new_tokens_limit, self.engine.context_length - 1)
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    async def register_adapter(
+        self,
+        tenant: str,
+        name: str,
+        version: int,
+        files: dict[str, bytes],
+        expected_sha256: str = "",
+        shared: bool = False,
+    ) -> AdapterRecord:
+        owner = self._owner(tenant, shared)
+        check_adapter_name(name)
+        adapter_files = collect_files(files, expected_sha256)
+        engine = self.engine
+        weights = await asyncio.to_thread(
+            parse_adapter,
+            adapter_files.config,
+            adapter_files.weights,
+            engine.linear_shapes,
+            dtype=engine.dtype,
+        )
+        await asyncio.to_thread(self.store.save, owner, name, adapter_files)
+        record = await self.registry.register(
+            AdapterRecord(
+                owner=owner,
+                name=name,
+                version=version,
+                sha256=adapter_files.sha256,
+                rank=weights.rank,
+                lora_alpha=weights.lora_alpha,
+                target_modules=weights.target_modules,
+                size_bytes=weights.size_bytes,
+            )
+        )
+        log.info(
+            "adapter registered",
+            extra={"owner": owner, "adapter": name, "version": record.version},
+        )
+        return record
+
+    @staticmethod
+    def _owner(tenant: str, shared: bool) -> str:
+        if shared:
+            if tenant:
+                raise InvalidArgument(
+                    "a shared adapter belongs to the platform: leave tenant empty",
+                    reason="SHARED_WITH_TENANT",
+                )
+            return PLATFORM
+        return check_tenant(tenant)
+
+    async def _load_weights(self, record: AdapterRecord) -> LoraWeights:
+        engine = self.engine
+
+        def load() -> LoraWeights:
+            files = self.store.load(record.owner, record.name, record.sha256)
+            return parse_adapter(
+                files.config,
+                files.weights,
+                engine.linear_shapes,
+                dtype=engine.dtype,
+                device=engine.device,
+            )
+
+        return await asyncio.to_thread(load)
+
+    async def resolve(self, tenant: str, name: str, version: int) -> AdapterRecord | None:
+        """None for the base model (empty adapter name)."""
+        if not name:
+            check_tenant(tenant)
+            return None
+        return await self.registry.resolve(tenant, name, version)
+
+    async def load_adapter(
+        self, tenant: str, name: str, version: int
+    ) -> tuple[AdapterRecord, bool, float]:
+        record = await self.registry.resolve(tenant, name, version)
+        started = time.perf_counter()
+        was_cached = await self.cache.ensure(record.cache_key, lambda: self._load_weights(record))
+        return record, was_cached, time.perf_counter() - started
+
+    async def unload_adapter(self, tenant: str, name: str, version: int) -> bool:
+        record = await self.registry.resolve(tenant, name, version)
+        return self.cache.remove(record.cache_key)
+
+    def cache_stats(self) -> CacheSnapshot:
+        return self.cache.snapshot()
+
+    # -- generation -------------------------------------------------------------------------
+
+    def _sampling(self, params: SamplingRequest, prompt_tokens: int) -> SamplingConfig:
+        limit = self.max_new_tokens_limit
+        context = self.engine.context_length
+        if prompt_tokens >= context:
+            raise InvalidArgument(
+                f"the prompt is {prompt_tokens} tokens, the model's context is {context}",
+                reason="CONTEXT_LENGTH_EXCEEDED",
+                prompt_tokens=prompt_tokens,
+                context_length=context,
+            )
+        max_new_tokens = params.max_new_tokens or min(limit, context - prompt_tokens)
+        if not 1 <= max_new_tokens <= limit:
+            raise InvalidArgument(
+                f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}",
+                reason="BAD_MAX_TOKENS",
+            )
+        if prompt_tokens + max_new_tokens > context:
+            raise InvalidArgument(
+                f"the prompt is {prompt_tokens} tokens and {max_new_tokens} new tokens "
+                f"were asked for, more than the model's context of {context} tokens",
+                reason="CONTEXT_LENGTH_EXCEEDED",
+                prompt_tokens=prompt_tokens,
+                context_length=context,
+            )
+        temperature = (
+            self.settings.default_temperature if params.temperature is None else params.temperature
+        )
+        if not (math.isfinite(temperature) and 0 <= temperature <= 2):
+            raise InvalidArgument(
+                f"temperature must be in [0, 2], got {temperature}", reason="BAD_TEMPERATURE"
+            )
+        top_p = 1.0 if params.top_p is None else params.top_p
+        if not (math.isfinite(top_p) and 0 < top_p <= 1):
+            raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}", reason="BAD_TOP_P")
+        if len(params.stop) > MAX_STOP_SEQUENCES or any(not s for s in params.stop):
+            raise InvalidArgument(
+                f"at most {MAX_STOP_SEQUENCES} non-empty stop sequences are allowed",
+                reason="BAD_STOP",
+            )
+        return SamplingConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=params.seed,
+            stop=params.stop,
+        )
+
+    def _prompt_text(self, prompt: str, messages: list[dict[str, str]]) -> str:
+        if prompt and messages:
+            raise InvalidArgument("give either a prompt or messages, not both", reason="BAD_INPUT")
+        if messages:
+            bad = sorted({m["role"] for m in messages} - CHAT_ROLES)
+            if bad:
+                raise InvalidArgument(
+                    f"unknown message roles: {', '.join(bad)}", reason="BAD_MESSAGES"
+                )
+            return self.engine.render_chat(messages)
+        if not prompt:
+            raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+        return prompt
+
+    async def generate(
+        self,
+        tenant: str,
+        adapter_name: str,
+        adapter_version: int,
+        params: SamplingRequest,
+        prompt: str = "",
+        messages: list[dict[str, str]] | None = None,
+    ) -> GenerateResult:
+        engine = self.engine
+        text = self._prompt_text(prompt, messages or [])
+        prompt_ids = engine.encode(text)
+        config = self._sampling(params, len(prompt_ids))
+        record = await self.resolve(tenant, adapter_name, adapter_version)
+        queued, generation = await self._run(
+            record, lambda weights: engine.generate(prompt_ids, weights, config)
+        )
+        return GenerateResult(generation=generation, adapter=record, queue_seconds=queued)
+
+    async def score(
+        self,
+        tenant: str,
+        adapter_name: str,
+        adapter_version: int,
+        prompt: str,
+        completions: list[str],
+    ) -> tuple[list[TokenScores], AdapterRecord | None]:
+        engine = self.engine
+        if not prompt:
+            raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+        if not completions or any(not c for c in completions):
+            raise InvalidArgument("give one or more non-empty completions", reason="BAD_INPUT")
+        prompt_ids = engine.encode(prompt)
+        completion_ids = [
+            engine.tokenizer(c, add_special_tokens=False).input_ids for c in completions
+        ]
+        longest = len(prompt_ids) + max(len(c) for c in completion_ids)
+        if longest > engine.context_length:
+            raise InvalidArgument(
+                f"prompt plus completion is {longest} tokens, more than the model's context of "
+                f"{engine.context_length}",
+                reason="CONTEXT_LENGTH_EXCEEDED",
+            )
+        record = await self.resolve(tenant, adapter_name, adapter_version)
+        _, scores = await self._run(record, lambda w: engine.score(prompt_ids, completion_ids, w))
+        return scores, record
+
+    async def _run(self, record: AdapterRecord | None, work: Callable[[LoraWeights | None], T]):
+        """Run work on the model thread with the adapter pinned in the cache.
+        Returns (seconds waited before the model thread started it, result)."""
+        loop = asyncio.get_running_loop()
+        submitted = time.perf_counter()
+
+        def timed(weights: LoraWeights | None) -> tuple[float, T]:
+            return time.perf_counter() - submitted, work(weights)
+
+        if record is None:
+            return await loop.run_in_executor(self._model_thread, timed, None)
+        async with self.cache.use(record.cache_key, lambda: self._load_weights(record)) as weights:
+            return await loop.run_in_executor(self._model_thread, timed, weights)

@@ -1,0 +1,175 @@
+"""gRPC servicer: translates protos to InferenceCore calls and back. No logic of its own."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from loraplex.common.v1 import common_pb2
+from loraplex.inference.v1 import inference_service_pb2 as pb
+from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.keys import PLATFORM
+from services.inference.core import InferenceCore, SamplingRequest
+from services.inference.registry import AdapterRecord
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
+_FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+def adapter_info(record: AdapterRecord) -> common_pb2.AdapterInfo:
+    created = Timestamp()
+    created.FromNanoseconds(int(record.created_at * 1e9))
+    return common_pb2.AdapterInfo(
+        tenant="" if record.shared else record.owner,
+        name=record.name,
+        version=record.version,
+        sha256=record.sha256,
+        rank=record.rank,
+        lora_alpha=record.lora_alpha,
+        target_modules=record.target_modules,
+        size_bytes=record.size_bytes,
+        created_at=created,
+        shared=record.shared,
+    )
+
+
+def adapter_ref(record: AdapterRecord | None) -> common_pb2.AdapterRef:
+    if record is None:
+        return common_pb2.AdapterRef()
+    return common_pb2.AdapterRef(name=record.name, version=record.version)
+
+
+def sampling_request(params: pb.SamplingParams) -> SamplingRequest:
+    return SamplingRequest(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature if params.HasField("temperature") else None,
+        top_p=params.top_p if params.HasField("top_p") else None,
+        seed=params.seed if params.HasField("seed") else None,
+        stop=tuple(params.stop),
+    )
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self.core = core
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        result = await self.core.generate(
+            request.tenant,
+            request.adapter.name,
+            request.adapter.version,
+            sampling_request(request.params),
+            prompt=request.prompt,
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+        )
+        gen, queued = result.generation, result.queue_seconds
+        return pb.GenerateResponse(
+            text=gen.text,
+            finish_reason=_FINISH[gen.finish_reason],
+            usage=common_pb2.TokenUsage(
+                prompt_tokens=gen.prompt_tokens,
+                completion_tokens=gen.completion_tokens,
+                total_tokens=gen.prompt_tokens + gen.completion_tokens,
+            ),
+            timing=pb.Timing(
+                queue_seconds=queued,
+                time_to_first_token_seconds=queued + gen.time_to_first_token,
+                total_seconds=queued + gen.total_seconds,
+            ),
+            uncertainty=pb.UncertaintyStats(
+                mean_token_entropy=gen.mean_token_entropy,
+                mean_logprob=gen.mean_logprob,
+                min_token_prob=gen.min_token_prob,
+            ),
+            adapter=adapter_ref(result.adapter),
+            token_logprobs=gen.token_logprobs,
+            token_entropies=gen.token_entropies,
+        )
+
+    async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
+        scores, record = await self.core.score(
+            request.tenant,
+            request.adapter.name,
+            request.adapter.version,
+            request.prompt,
+            list(request.completions),
+        )
+        return pb.ScoreResponse(
+            scores=[
+                pb.CompletionScore(
+                    total_logprob=s.total,
+                    mean_logprob=s.total / len(s.token_logprobs),
+                    num_tokens=len(s.token_logprobs),
+                    token_logprobs=s.token_logprobs,
+                )
+                for s in scores
+            ],
+            adapter=adapter_ref(record),
+        )
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context):
+        records, next_token = await self.core.registry.list(
+            request.tenant, request.page_size, request.page_token
+        )
+        return pb.ListAdaptersResponse(
+            adapters=[adapter_info(r) for r in records], next_page_token=next_token
+        )
+
+    async def RegisterAdapter(self, request: pb.RegisterAdapterRequest, context):
+        record = await self.core.register_adapter(
+            request.tenant,
+            request.name,
+            request.version,
+            {f.name: f.content for f in request.files},
+            expected_sha256=request.expected_sha256,
+            shared=request.shared,
+        )
+        return pb.RegisterAdapterResponse(adapter=adapter_info(record))
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context):
+        record, was_cached, seconds = await self.core.load_adapter(
+            request.tenant, request.adapter.name, request.adapter.version
+        )
+        return pb.LoadAdapterResponse(
+            adapter=adapter_info(record), was_cached=was_cached, load_seconds=seconds
+        )
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context):
+        was_loaded = await self.core.unload_adapter(
+            request.tenant, request.adapter.name, request.adapter.version
+        )
+        return pb.UnloadAdapterResponse(was_loaded=was_loaded)
+
+    async def CacheStats(self, request: pb.CacheStatsRequest, context):
+        snap = self.core.cache_stats()
+        return pb.CacheStatsResponse(
+            capacity_bytes=snap.capacity_bytes,
+            used_bytes=snap.used_bytes,
+            entries=snap.entries,
+            hits=snap.hits,
+            misses=snap.misses,
+            evictions=snap.evictions,
+            load_seconds_total=snap.load_seconds_total,
+            load_seconds_p50=snap.load_seconds_p50,
+            load_seconds_p95=snap.load_seconds_p95,
+            adapters=[
+                pb.CachedAdapter(
+                    tenant="" if owner == PLATFORM else owner,
+                    name=name,
+                    version=version,
+                    size_bytes=size,
+                    hits=hits,
+                )
+                for (owner, name, version), size, hits in snap.adapters
+            ],
+        )
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
+        engine = self.core.engine
+        return pb.GetModelInfoResponse(
+            model_id=engine.model_id,
+            architecture=engine.architecture,
+            context_length=engine.context_length,
+            max_new_tokens_limit=self.core.max_new_tokens_limit,
+            device=str(engine.device),
+            dtype=str(engine.dtype).removeprefix("torch."),
+        )

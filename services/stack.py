@@ -1,0 +1,181 @@
+"""The local stack: `make run` (python -m services.stack).
+
+Starts Redis (embedded unless REDIS_URL is set), the inference service and the gateway as
+child processes, registers the demo tenants and their adapters through the gateway's admin
+API, prints the URL and keys (also written to .run/keys.env), and stops everything on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.common.redis import EmbeddedRedis
+from services.common.settings import REPO_ROOT
+
+DEMO_ADAPTERS = REPO_ROOT / "models" / "adapters"
+DEMO_TENANTS = ("retailer", "bank", "airline")
+
+
+def demo_adapter_name(tenant: str) -> str:
+    return f"{tenant}-support"
+
+
+def read_keys(path: Path) -> dict[str, str]:
+    if not path.exists():
+        return {}
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+    return {k.removeprefix("export ").strip(): v.strip() for k, v in pairs}
+
+
+def write_keys(path: Path, keys: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text("".join(f"export {k}={v}\n" for k, v in keys.items()))
+
+
+def wait_for_grpc_health(addr: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+    with grpc.insecure_channel(addr) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            check_children(procs)
+            try:
+                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{addr} did not become ready")
+            time.sleep(0.2)
+
+
+def wait_for_http_ready(url: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+    while True:
+        check_children(procs)
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become ready")
+        time.sleep(0.2)
+
+
+def check_children(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[-1]} exited with status {proc.returncode}")
+
+
+def seed_demo(url: str, admin_key: str, known: dict[str, str]) -> dict[str, str]:
+    """Create the demo tenants, their keys and adapters (idempotent); return tenant keys."""
+    admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60)
+    keys: dict[str, str] = {}
+    for tenant in DEMO_TENANTS:
+        reply = admin.post("/admin/tenants", json={"tenant": tenant})
+        if reply.status_code not in (201, 409):
+            reply.raise_for_status()
+        env_name = f"{tenant.upper()}_KEY"
+        key = known.get(env_name, "")
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        if not key or models.status_code != 200:
+            created = admin.post(f"/admin/tenants/{tenant}/keys")
+            created.raise_for_status()
+            key = created.json()["api_key"]
+            models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        keys[env_name] = key
+        name = demo_adapter_name(tenant)
+        if name not in [m["id"] for m in models.json()["data"]]:
+            directory = DEMO_ADAPTERS / tenant
+            files = [("files", (p.name, p.read_bytes())) for p in sorted(directory.iterdir())]
+            admin.post(
+                f"/admin/tenants/{tenant}/adapters", data={"name": name}, files=files
+            ).raise_for_status()
+    return keys
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-demo", action="store_true", help="do not register demo tenants")
+    parser.add_argument("--ready-timeout", type=float, default=300)
+    args = parser.parse_args()
+
+    # Local state (embedded Redis data, adapter store, keys); LORAPLEX_RUN_DIR moves it.
+    run_dir = Path(os.environ.get("LORAPLEX_RUN_DIR", REPO_ROOT / ".run"))
+    keys_file = run_dir / "keys.env"
+    known = read_keys(keys_file)
+    admin_key = os.environ.get("LORAPLEX_ADMIN_KEY") or known.get("LORAPLEX_ADMIN_KEY")
+    admin_key = admin_key or "lpx_admin_" + secrets.token_urlsafe(24)
+    embedded = None if os.environ.get("REDIS_URL") else EmbeddedRedis(run_dir / "redis")
+    env = {
+        **os.environ,
+        "REDIS_URL": os.environ.get("REDIS_URL") or embedded.url,
+        "LORAPLEX_ADMIN_KEY": admin_key,
+        "INFERENCE_ADDR": os.environ.get("INFERENCE_ADDR", "127.0.0.1:50051"),
+        "ADAPTER_STORE_DIR": os.environ.get("ADAPTER_STORE_DIR", str(run_dir / "adapter-store")),
+    }
+    inference_port = env["INFERENCE_ADDR"].rsplit(":", 1)[1]
+    gateway_port = int(os.environ.get("GATEWAY_PORT", "8080"))
+    url = f"http://127.0.0.1:{gateway_port}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "services.inference"], env={**env, "PORT": inference_port}
+        ),
+        subprocess.Popen([sys.executable, "-m", "gateway"], env={**env, "PORT": str(gateway_port)}),
+    ]
+    stop_requested = False
+
+    def request_stop(*_: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        deadline = time.monotonic() + args.ready_timeout
+        wait_for_grpc_health(env["INFERENCE_ADDR"], deadline, procs)
+        wait_for_http_ready(url, deadline, procs)
+        keys = {} if args.no_demo else seed_demo(url, admin_key, known)
+        write_keys(keys_file, {"LORAPLEX_URL": url, "LORAPLEX_ADMIN_KEY": admin_key, **keys})
+        print(f"\nloraplex is running at {url}  (Ctrl-C stops it)", flush=True)
+        print(f"  admin key      {admin_key}")
+        for tenant in () if args.no_demo else DEMO_TENANTS:
+            print(
+                f"  {tenant:<14} key {keys[tenant.upper() + '_KEY']}"
+                f"  adapter {demo_adapter_name(tenant)}"
+            )
+        print(f"  keys saved to  {keys_file}  (source it)\n", flush=True)
+        while not stop_requested:
+            check_children(procs)
+            time.sleep(0.5)
+        return 0
+    except (RuntimeError, TimeoutError, httpx.HTTPError) as err:
+        print(f"loraplex stack failed: {err}", file=sys.stderr)
+        return 1
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if embedded:
+            embedded.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

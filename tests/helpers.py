@@ -1,0 +1,30 @@
+"""Helpers shared by tests: the demo adapters' files and gRPC error inspection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
+
+from services.common.settings import REPO_ROOT
+
+DEMO_ADAPTERS = REPO_ROOT / "models" / "adapters"
+DEMO_TENANTS = ("retailer", "bank", "airline")
+
+
+def adapter_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def error_reason(err: grpc.aio.AioRpcError) -> str:
+    """The ErrorInfo reason the server attached to a failed call ('' if none)."""
+    for key, value in err.trailing_metadata() or ():
+        if key == GRPC_DETAILS_METADATA_KEY:
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if detail.Unpack(info):
+                    return info.reason
+    return ""

@@ -1,0 +1,58 @@
+"""A real inference gRPC server (real model, real Redis) on a free port, per session."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+
+from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.redis import connect
+from services.common.server import Server, ServiceSpec
+from services.inference.core import InferenceCore
+from services.inference.servicer import SERVICE_NAME, InferenceServicer
+from services.inference.settings import InferenceSettings
+
+
+@pytest.fixture(scope="session")
+async def inference(
+    redis_url: str, tmp_path_factory
+) -> AsyncIterator[tuple[Server, InferenceCore]]:
+    settings = InferenceSettings(
+        port=0,
+        redis_url=redis_url,
+        adapter_store_dir=tmp_path_factory.mktemp("adapter-store"),
+        shutdown_grace_seconds=1,
+    )
+    redis = connect(redis_url)
+    core = InferenceCore(settings, redis)
+    server = Server(
+        settings,
+        [
+            ServiceSpec(
+                SERVICE_NAME,
+                InferenceServicer(core),
+                pb_grpc.add_InferenceServiceServicer_to_server,
+            )
+        ],
+    )
+    await server.start()
+    await core.start()
+    await server.set_ready()
+    yield server, core
+    await server.stop()
+    core.close()
+    await redis.aclose()
+
+
+@pytest.fixture(scope="session")
+async def channel(inference) -> AsyncIterator[grpc.aio.Channel]:
+    server, _ = inference
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as chan:
+        yield chan
+
+
+@pytest.fixture(scope="session")
+def stub(channel) -> pb_grpc.InferenceServiceStub:
+    return pb_grpc.InferenceServiceStub(channel)
