@@ -21,7 +21,8 @@ INT32_MAX = 2**31 - 1
 _VERSIONED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]+)$")
 
 Float = Annotated[float, Field(allow_inf_nan=False)]
-MaxTokens = Annotated[int, Field(ge=-INT32_MAX - 1, le=INT32_MAX)]
+# At least 1 here: 0 in the proto means "as many as fit", which only an absent field asks for.
+MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
 
 def parse_model(model: str, base_model_id: str) -> common_pb2.AdapterRef:

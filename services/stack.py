@@ -79,6 +79,10 @@ def check_children(procs: list[subprocess.Popen]) -> None:
             raise RuntimeError(f"{proc.args[-1]} exited with status {proc.returncode}")
 
 
+def list_models(url: str, key: str) -> httpx.Response:
+    return httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
 def seed_demo(url: str, admin_key: str, known: dict[str, str]) -> dict[str, str]:
     """Create the demo tenants, their keys and adapters (idempotent); return tenant keys."""
     admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin_key}"}, timeout=60)
@@ -89,12 +93,12 @@ def seed_demo(url: str, admin_key: str, known: dict[str, str]) -> dict[str, str]
             reply.raise_for_status()
         env_name = f"{tenant.upper()}_KEY"
         key = known.get(env_name, "")
-        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
-        if not key or models.status_code != 200:
+        if not key or list_models(url, key).status_code != 200:  # keep a key that still works
             created = admin.post(f"/admin/tenants/{tenant}/keys")
             created.raise_for_status()
             key = created.json()["api_key"]
-            models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"})
+        models = list_models(url, key)
+        models.raise_for_status()
         keys[env_name] = key
         name = demo_adapter_name(tenant)
         if name not in [m["id"] for m in models.json()["data"]]:

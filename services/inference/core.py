@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import redis.asyncio as aioredis
@@ -248,6 +248,8 @@ class InferenceCore:
         text = self._prompt_text(prompt, messages or [])
         prompt_ids = engine.encode(text)
         config = self._sampling(params, len(prompt_ids))
+        if messages:  # a chat reply is one assistant turn
+            config = replace(config, stop=config.stop + engine.chat_stop)
         record = await self.resolve(tenant, adapter_name, adapter_version)
         queued, generation = await self._run(
             record, lambda weights: engine.generate(prompt_ids, weights, config)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from services.inference.lora import LinearShape, LoraWeights
 
@@ -106,6 +106,9 @@ class Engine:
         self.architecture = type(self.model).__name__
         self.context_length = int(self.model.config.max_position_embeddings)
         self.eos_token_id = self.tokenizer.eos_token_id
+        # Where an assistant turn ends when the model writes on into the next turn; chat
+        # requests stop there (the model directory's generation_config.json stop_strings).
+        self.chat_stop = tuple(self._generation_config(model_dir).stop_strings or ())
         self.linear_shapes: dict[str, LinearShape] = {}
         self._active: LoraWeights | None = None
         for name, module in self.model.named_modules():
@@ -116,6 +119,13 @@ class Engine:
             "model loaded",
             extra={"model": self.model_id, "device": str(self.device), "dtype": str(self.dtype)},
         )
+
+    @staticmethod
+    def _generation_config(model_dir: Path) -> GenerationConfig:
+        try:
+            return GenerationConfig.from_pretrained(model_dir)
+        except OSError:  # the directory has no generation_config.json
+            return GenerationConfig()
 
     def _lora_hook(self, name: str):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):

@@ -283,7 +283,7 @@ async def test_tampered_store_file_fails_the_integrity_check_at_load(stub, infer
 @pytest.mark.parametrize(
     ("params", "reason"),
     [
-        ({"max_new_tokens": 0}, "BAD_MAX_TOKENS"),
+        ({"max_new_tokens": -1}, "BAD_MAX_TOKENS"),
         ({"max_new_tokens": 100_000}, "BAD_MAX_TOKENS"),
         ({"temperature": -0.5}, "BAD_TEMPERATURE"),
         ({"top_p": 0.0}, "BAD_TOP_P"),
@@ -296,6 +296,17 @@ async def test_bad_generation_parameters(stub, params, reason):
         stub.Generate(generate_request(new_tenant(), **params)), grpc.StatusCode.INVALID_ARGUMENT
     )
     assert error_reason(err) == reason
+
+
+async def test_max_new_tokens_zero_means_as_many_as_fit(stub, inference):
+    _, core = inference
+    context = core.engine.context_length
+    prompt = "Customer: hello\nAgent: hi\n" * 200
+    ids = core.engine.encode(prompt)[: context - 3]
+    prompt = core.engine.tokenizer.decode(ids, skip_special_tokens=True)
+    assert context - 6 < len(core.engine.encode(prompt)) <= context - 1
+    reply = await stub.Generate(generate_request(new_tenant(), prompt=prompt, max_new_tokens=0))
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens <= context
 
 
 async def test_invalid_tenant_id_is_invalid_argument(stub):
@@ -322,21 +333,31 @@ async def test_load_unload_and_cache_stats(stub):
     assert not any(a.tenant == tenant for a in stats.adapters)
 
 
-async def test_score_prefers_in_domain_text_under_the_tenant_adapter(stub):
+def heldout_exchanges(tenant: str, count: int) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs from the tenant's held-out text, which no adapter trained on."""
+    lines = (DEMO_ADAPTERS.parent / "data" / tenant / "heldout.txt").read_text().splitlines()
+    pairs = [
+        (f"{q}\nAgent:", a.removeprefix("Agent:"))
+        for q, a in zip(lines, lines[1:], strict=False)
+        if q.startswith("Customer: ") and a.startswith("Agent: ")
+    ]
+    return pairs[:count]
+
+
+async def test_score_prefers_the_tenants_text_under_its_adapter(stub):
     tenant = new_tenant()
     await register(stub, tenant, demo="bank", name="bank")
-    completions = [" Your card has been blocked and a new one is on its way.", " zq xv qq zz"]
-    request = pb.ScoreRequest(
-        tenant=tenant, prompt="Customer: I lost my card.\nAgent:", completions=completions
-    )
-    base = await stub.Score(request)
-    request.adapter.name = "bank"
-    tuned = await stub.Score(request)
-    for reply in (base, tuned):
-        assert len(reply.scores) == 2
-        for score in reply.scores:
-            assert score.num_tokens == len(score.token_logprobs) > 0
-            assert score.total_logprob == pytest.approx(sum(score.token_logprobs), rel=1e-5)
-        assert reply.scores[0].mean_logprob > reply.scores[1].mean_logprob
-    assert tuned.scores[0].mean_logprob > base.scores[0].mean_logprob
-    assert tuned.adapter.name == "bank"
+    gains = []
+    for prompt, answer in heldout_exchanges("bank", 12):
+        request = pb.ScoreRequest(tenant=tenant, prompt=prompt, completions=[answer, " zq xv qq"])
+        base = await stub.Score(request)
+        request.adapter.name = "bank"
+        tuned = await stub.Score(request)
+        for reply in (base, tuned):
+            real, noise = reply.scores
+            assert real.num_tokens == len(real.token_logprobs) > 0
+            assert real.total_logprob == pytest.approx(sum(real.token_logprobs), rel=1e-5)
+            assert real.mean_logprob > noise.mean_logprob
+        assert tuned.adapter.name == "bank"
+        gains.append(tuned.scores[0].total_logprob - base.scores[0].total_logprob)
+    assert sum(gains) > 0, gains

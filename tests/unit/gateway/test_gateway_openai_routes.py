@@ -100,6 +100,8 @@ async def test_missing_fields_are_named(client: httpx.AsyncClient, bank: dict[st
         ({"prompt": [1, 2, 3]}, "exactly one string"),
         ({"seed": -1}, "seed"),
         ({"temperature": "hot"}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": -5}, "max_tokens"),
     ],
 )
 async def test_unsupported_or_malformed_completion_options_are_400(
