@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -44,32 +45,29 @@ def write_keys(path: Path, keys: dict[str, str]) -> None:
     path.write_text("".join(f"export {k}={v}\n" for k, v in keys.items()))
 
 
-def wait_for_grpc_health(addr: str, deadline: float, procs: list[subprocess.Popen]) -> None:
+def grpc_serving(addr: str) -> bool:
     with grpc.insecure_channel(addr) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            check_children(procs)
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{addr} did not become ready")
-            time.sleep(0.2)
-
-
-def wait_for_http_ready(url: str, deadline: float, procs: list[subprocess.Popen]) -> None:
-    while True:
-        check_children(procs)
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=1
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def http_ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(ready: Callable[[], bool], what: str, deadline: float, procs) -> None:
+    while not ready():
+        check_children(procs)
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not become ready")
+            raise TimeoutError(f"{what} did not become ready")
         time.sleep(0.2)
 
 
@@ -149,8 +147,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         deadline = time.monotonic() + args.ready_timeout
-        wait_for_grpc_health(env["INFERENCE_ADDR"], deadline, procs)
-        wait_for_http_ready(url, deadline, procs)
+        addr = env["INFERENCE_ADDR"]
+        wait_until(lambda: grpc_serving(addr), f"inference at {addr}", deadline, procs)
+        wait_until(lambda: http_ready(url), f"gateway at {url}", deadline, procs)
         keys = {} if args.no_demo else seed_demo(url, admin_key, known)
         write_keys(keys_file, {"LORAPLEX_URL": url, "LORAPLEX_ADMIN_KEY": admin_key, **keys})
         print(f"\nloraplex is running at {url}  (Ctrl-C stops it)", flush=True)

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.logs import setup_logging
 from services.common.redis import EmbeddedRedis, connect
-from services.common.server import Server, ServiceSpec, run_until_signal, start_metrics_endpoint
-from services.inference.core import InferenceCore
-from services.inference.servicer import SERVICE_NAME, InferenceServicer
+from services.common.server import run_until_signal, start_metrics_endpoint
+from services.inference.app import create_server
 from services.inference.settings import InferenceSettings
 
 
@@ -18,17 +16,7 @@ async def main() -> None:
     setup_logging(settings.log_level)
     embedded = None if settings.redis_url else EmbeddedRedis()
     redis = connect(settings.redis_url or embedded.url)
-    core = InferenceCore(settings, redis)
-    server = Server(
-        settings,
-        [
-            ServiceSpec(
-                SERVICE_NAME,
-                InferenceServicer(core),
-                pb_grpc.add_InferenceServiceServicer_to_server,
-            )
-        ],
-    )
+    server, core = create_server(settings, redis)
     start_metrics_endpoint(settings)
     await server.start()
     try:

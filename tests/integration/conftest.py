@@ -9,9 +9,9 @@ import pytest
 
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.redis import connect
-from services.common.server import Server, ServiceSpec
+from services.common.server import Server
+from services.inference.app import create_server
 from services.inference.core import InferenceCore
-from services.inference.servicer import SERVICE_NAME, InferenceServicer
 from services.inference.settings import InferenceSettings
 
 
@@ -26,17 +26,7 @@ async def inference(
         shutdown_grace_seconds=1,
     )
     redis = connect(redis_url)
-    core = InferenceCore(settings, redis)
-    server = Server(
-        settings,
-        [
-            ServiceSpec(
-                SERVICE_NAME,
-                InferenceServicer(core),
-                pb_grpc.add_InferenceServiceServicer_to_server,
-            )
-        ],
-    )
+    server, core = create_server(settings, redis)
     await server.start()
     await core.start()
     await server.set_ready()

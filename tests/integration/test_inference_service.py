@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import uuid
 
@@ -338,7 +339,7 @@ def heldout_exchanges(tenant: str, count: int) -> list[tuple[str, str]]:
     lines = (DEMO_ADAPTERS.parent / "data" / tenant / "heldout.txt").read_text().splitlines()
     pairs = [
         (f"{q}\nAgent:", a.removeprefix("Agent:"))
-        for q, a in zip(lines, lines[1:], strict=False)
+        for q, a in itertools.pairwise(lines)
         if q.startswith("Customer: ") and a.startswith("Agent: ")
     ]
     return pairs[:count]
