@@ -45,6 +45,8 @@ def test_logits_and_greedy_tokens_equal_peft(engine, tenant):
             ours = engine.model(input_ids=ids).logits
         finally:
             engine._active = None
+        # A plain completion, as the engine runs it: no chat stop strings, greedy to EOS or 16.
+        reference.generation_config.stop_strings = None
         expected_tokens = reference.generate(
             input_ids=ids, max_new_tokens=16, do_sample=False, pad_token_id=engine.eos_token_id
         )[0, ids.shape[1] :].tolist()
