@@ -35,6 +35,10 @@ MAX_STOP_SEQUENCES = 4
 CHAT_ROLES = {"system", "user", "assistant"}
 
 
+def _first_set(*values: float | None) -> float:
+    return next(v for v in values if v is not None)
+
+
 @dataclass(frozen=True)
 class SamplingRequest:
     """Sampling parameters as the caller sent them (None: not set)."""
@@ -198,14 +202,15 @@ class InferenceCore:
                 prompt_tokens=prompt_tokens,
                 context_length=context,
             )
-        temperature = (
-            self.settings.default_temperature if params.temperature is None else params.temperature
+        engine = self.engine
+        temperature = _first_set(
+            params.temperature, self.settings.default_temperature, engine.default_temperature, 1.0
         )
         if not (math.isfinite(temperature) and 0 <= temperature <= 2):
             raise InvalidArgument(
                 f"temperature must be in [0, 2], got {temperature}", reason="BAD_TEMPERATURE"
             )
-        top_p = 1.0 if params.top_p is None else params.top_p
+        top_p = _first_set(params.top_p, self.settings.default_top_p, engine.default_top_p, 1.0)
         if not (math.isfinite(top_p) and 0 < top_p <= 1):
             raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}", reason="BAD_TOP_P")
         if len(params.stop) > MAX_STOP_SEQUENCES or any(not s for s in params.stop):

@@ -108,7 +108,13 @@ class Engine:
         self.eos_token_id = self.tokenizer.eos_token_id
         # Where an assistant turn ends when the model writes on into the next turn; chat
         # requests stop there (the model directory's generation_config.json stop_strings).
-        self.chat_stop = tuple(self._generation_config(model_dir).stop_strings or ())
+        generation = self._generation_config(model_dir)
+        self.chat_stop = tuple(generation.stop_strings or ())
+        # The model's recommended sampling (set only if its generation_config.json says so),
+        # used where a request leaves them unset, as vLLM does.
+        recommended = generation.to_diff_dict()
+        self.default_temperature: float | None = recommended.get("temperature")
+        self.default_top_p: float | None = recommended.get("top_p")
         self.linear_shapes: dict[str, LinearShape] = {}
         self._active: LoraWeights | None = None
         for name, module in self.model.named_modules():

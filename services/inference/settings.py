@@ -23,7 +23,10 @@ class InferenceSettings(ServiceSettings):
     adapter_cache_bytes: int = 256 * 1024 * 1024
     # Upper bound on max_new_tokens a request may ask for (also bounded by the context).
     max_new_tokens_limit: int = 512
-    default_temperature: float = 1.0
+    # Sampling where a request leaves it unset. None: the model's generation_config.json
+    # recommendation, else temperature 1 and top_p 1 (OpenAI's defaults).
+    default_temperature: float | None = None
+    default_top_p: float | None = None
 
     @field_validator("model_dir", "adapter_store_dir")
     @classmethod

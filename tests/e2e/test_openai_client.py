@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import signal
 
 import httpx
 import openai
 import pytest
+
+from tests.helpers import DEMO_ADAPTERS, adapter_files
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -107,6 +110,51 @@ def test_readyz_and_metrics(stack):
     assert httpx.get(f"{stack.url}/readyz").status_code == 200
     metrics = httpx.get(f"{stack.url}/metrics").text
     assert "loraplex_http_requests_total" in metrics
+
+
+def upload(stack, tenant: str, files: dict[str, bytes], **form) -> httpx.Response:
+    return httpx.post(
+        f"{stack.url}/admin/tenants/{tenant}/adapters",
+        headers={"Authorization": f"Bearer {stack.keys['LORAPLEX_ADMIN_KEY']}"},
+        data=form,
+        files=[("files", (name, content)) for name, content in files.items()],
+        timeout=60,
+    )
+
+
+def test_admin_uploads_an_adapter_that_the_tenant_can_use_at_once(stack):
+    files = adapter_files(DEMO_ADAPTERS / "airline")
+    reply = upload(stack, "bank", files, name="travel-desk")
+    assert reply.status_code == 201, reply.text
+    assert reply.json()["version"] == 1
+    completion = client(stack, "bank").completions.create(
+        model="travel-desk", prompt=PROMPTS["airline"], max_tokens=8
+    )
+    assert completion.choices[0].text
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ("pickle", "PICKLE_REFUSED"),
+        ("sha256", "SHA256_MISMATCH"),
+        ("targets", "TARGET_MODULES_NOT_FOUND"),
+    ],
+)
+def test_bad_adapter_uploads_are_400_with_the_reason(stack, change, reason):
+    files = adapter_files(DEMO_ADAPTERS / "retailer")
+    form = {"name": f"bad-{change}"}
+    if change == "pickle":
+        files["adapter_model.bin"] = files.pop("adapter_model.safetensors")
+    elif change == "sha256":
+        form["sha256"] = "0" * 64
+    else:
+        config = json.loads(files["adapter_config.json"])
+        config["target_modules"] = ["c_attn"]
+        files["adapter_config.json"] = json.dumps(config).encode()
+    reply = upload(stack, "retailer", files, **form)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["details"][0]["reason"] == reason
 
 
 def test_stack_stops_cleanly_on_ctrl_c(stack):

@@ -97,6 +97,23 @@ async def test_greedy_is_deterministic_and_seeded_sampling_reproducible(stub):
     assert sampled[0].token_logprobs != sampled[2].token_logprobs
 
 
+async def test_unset_sampling_uses_the_models_recommendation(stub, inference):
+    _, core = inference
+    assert (core.engine.default_temperature, core.engine.default_top_p) == (0.7, 0.9)
+    tenant = new_tenant()
+    await register(stub, tenant)
+
+    async def sample(**params):
+        request = generate_request(tenant, "support", max_new_tokens=24, seed=11, **params)
+        if "temperature" not in params:
+            request.params.ClearField("temperature")
+        return (await stub.Generate(request)).token_logprobs
+
+    unset = await sample()
+    assert unset == await sample(temperature=0.7, top_p=0.9)
+    assert unset != await sample(temperature=1.0, top_p=1.0)
+
+
 async def test_stop_sequence_cuts_the_text(stub):
     tenant = new_tenant()
     await register(stub, tenant)
