@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PROTOS  := $(shell find protos -name '*.proto')
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup proto run test test-unit test-integration lint format bench model clean
+.PHONY: setup proto run test lint format bench model clean
 
 setup: $(STAMP) proto
 
@@ -36,6 +36,10 @@ lint: setup
 format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# Benchmarks (not timed tests): tables on stdout, JSON in bench/results/. BENCH=name runs one.
+bench: setup
+	$(BIN)/python -m bench $(BENCH)
 
 model: setup
 	$(BIN)/python -m models.build_base

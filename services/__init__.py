@@ -1,0 +1,24 @@
+"""loraplex services, and the library API the product spec names.
+
+    from services import AdapterAnalytics
+
+Exports are imported lazily (PEP 562), so importing one service never pulls in another's
+dependencies (the inference service's torch, say).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# exported name -> module that defines it
+_EXPORTS: dict[str, str] = {}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'services' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -12,3 +12,15 @@ PLATFORM = "_platform"
 
 def key(tenant: str, kind: str, *parts: object) -> str:
     return ":".join(["lp", "{" + tenant + "}", kind, *(str(p) for p in parts)])
+
+
+# Adapter registry keys (written by inference; others may read, e.g. to check that an
+# adapter a tenant names exists).
+def adapter_index(owner: str) -> str:
+    """Hash: adapter name -> current version."""
+    return key(owner, "adapters")
+
+
+def adapter_versions(owner: str, name: str) -> str:
+    """Hash: version -> JSON record."""
+    return key(owner, "adapter", name, "versions")

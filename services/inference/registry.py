@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import redis.asyncio as aioredis
 
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
-from services.common.keys import PLATFORM, key
+from services.common.keys import PLATFORM, adapter_index, adapter_versions
 from services.common.names import check_adapter_name, check_tenant
 
 # Allocates the version (max + 1 when 0 is asked) and makes it current, atomically.
@@ -84,8 +84,8 @@ class AdapterRegistry:
         body["created_at"] = record.created_at or time.time()
         version = await self._register(
             keys=[
-                key(record.owner, "adapter", record.name, "versions"),
-                key(record.owner, "adapters"),
+                adapter_versions(record.owner, record.name),
+                adapter_index(record.owner),
             ],
             args=[record.name, record.version, json.dumps(body)],
         )
@@ -98,11 +98,11 @@ class AdapterRegistry:
 
     async def _get_owned(self, owner: str, name: str, version: int) -> AdapterRecord | None:
         if not version:
-            current = await self._redis.hget(key(owner, "adapters"), name)
+            current = await self._redis.hget(adapter_index(owner), name)
             if current is None:
                 return None
             version = int(current)
-        raw = await self._redis.hget(key(owner, "adapter", name, "versions"), str(version))
+        raw = await self._redis.hget(adapter_versions(owner, name), str(version))
         if raw is None:
             return None
         return AdapterRecord(**{**json.loads(raw), "version": version})
@@ -130,7 +130,7 @@ class AdapterRegistry:
         offset = _decode_token(page_token)
         entries: list[tuple[str, str, int]] = []
         for owner in (tenant, PLATFORM):
-            current = await self._redis.hgetall(key(owner, "adapters"))
+            current = await self._redis.hgetall(adapter_index(owner))
             entries += sorted((owner, n.decode(), int(v)) for n, v in current.items())
         page = entries[offset : offset + page_size]
         records = []
