@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from services.inference.lora import LinearShape, LoraWeights
+from services.inference.lora_batch import LoraBatch
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ class Engine:
         self.default_temperature: float | None = recommended.get("temperature")
         self.default_top_p: float | None = recommended.get("top_p")
         self.linear_shapes: dict[str, LinearShape] = {}
-        self._active: LoraWeights | None = None
+        self._active: LoraBatch | None = None
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
                 self.linear_shapes[name] = LinearShape(module.in_features, module.out_features)
@@ -135,14 +138,25 @@ class Engine:
 
     def _lora_hook(self, name: str):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
-            adapter = self._active
-            lora = adapter.modules.get(name) if adapter is not None else None
-            if lora is None:
-                return None
-            x = args[0].to(lora.a.dtype)
-            return output + ((x @ lora.a.T) @ lora.b.T).to(output.dtype) * lora.scaling
+            batch = self._active
+            delta = batch.delta(name, args[0]) if batch is not None else None
+            return None if delta is None else output + delta.to(output.dtype)
 
         return hook
+
+    def lora_batch(self, row_adapters: list[LoraWeights | None]) -> LoraBatch | None:
+        if all(a is None for a in row_adapters):
+            return None
+        return LoraBatch(row_adapters, self.linear_shapes, dtype=self.dtype, device=self.device)
+
+    @contextmanager
+    def adapters(self, row_adapters: list[LoraWeights | None]) -> Iterator[None]:
+        """Apply these adapters, one per batch row, to forward passes inside the block."""
+        self._active = self.lora_batch(row_adapters)
+        try:
+            yield
+        finally:
+            self._active = None
 
     # -- tokenization -------------------------------------------------------------------
 
@@ -166,8 +180,7 @@ class Engine:
             generator.manual_seed(config.seed)
         else:
             generator.seed()
-        self._active = adapter
-        try:
+        with self.adapters([adapter]):
             ids = torch.tensor([prompt_ids], device=self.device)
             cache = None
             tokens: list[int] = []
@@ -198,8 +211,6 @@ class Engine:
                     text, finish = text[:cut], "stop"
                     break
                 ids = torch.tensor([[token]], device=self.device)
-        finally:
-            self._active = None
         return Generation(
             text=text,
             finish_reason=finish,
@@ -221,8 +232,7 @@ class Engine:
         self, prompt_ids: list[int], completions: list[list[int]], adapter: LoraWeights | None
     ) -> list[TokenScores]:
         """Log-probabilities of each completion's tokens given the prompt."""
-        self._active = adapter
-        try:
+        with self.adapters([adapter]):
             results = []
             for completion in completions:
                 ids = torch.tensor([prompt_ids + completion], device=self.device)
@@ -232,5 +242,3 @@ class Engine:
                 chosen = logp[positions, ids[0, len(prompt_ids) :]]
                 results.append(TokenScores(token_logprobs=chosen.tolist()))
             return results
-        finally:
-            self._active = None

@@ -40,11 +40,8 @@ def test_logits_and_greedy_tokens_equal_peft(engine, tenant):
 
     with torch.inference_mode():
         expected = reference(input_ids=ids).logits
-        engine._active = weights
-        try:
+        with engine.adapters([weights]):
             ours = engine.model(input_ids=ids).logits
-        finally:
-            engine._active = None
         # A plain completion, as the engine runs it: no chat stop strings, greedy to EOS or 16.
         reference.generation_config.stop_strings = None
         expected_tokens = reference.generate(
@@ -54,6 +51,42 @@ def test_logits_and_greedy_tokens_equal_peft(engine, tenant):
     assert (ours - expected).abs().max().item() <= 1e-4
     generated = engine.generate(ids[0].tolist(), weights, SamplingConfig(16, temperature=0))
     assert generated.text == engine.tokenizer.decode(expected_tokens, skip_special_tokens=True)
+
+
+PROMPTS = [
+    "Customer: Where is my order?\nAgent:",
+    "Customer: I lost my debit card.\nAgent:",
+    "Customer: Can I change my seat?\nAgent:",
+    "Customer: Hello there, how are you?\nAgent:",
+    "Customer: My parcel never came.\nAgent:",
+]
+
+
+def test_mixed_adapter_batch_equals_peft_per_row(engine):
+    """One forward pass, a different adapter (or none) per row, with different ranks and
+    target modules: each row equals PEFT's own mixed batch (adapter_names=...)."""
+    base = AutoModelForCausalLM.from_pretrained(InferenceSettings().model_dir, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, DEMO_ADAPTERS / "retailer", adapter_name="retailer")
+    for tenant in ("bank", "airline"):
+        reference.load_adapter(DEMO_ADAPTERS / tenant, adapter_name=tenant)
+    reference.eval()
+    rows = ["retailer", "bank", "__base__", "airline", "bank"]
+    encoded = [engine.encode(p) for p in PROMPTS]
+    length = min(len(e) for e in encoded)
+    ids = torch.tensor([e[:length] for e in encoded])
+    weights = {t: load_demo(engine, t) for t in DEMO_TENANTS}
+
+    with torch.inference_mode():
+        expected = reference(input_ids=ids, adapter_names=rows).logits
+        with engine.adapters([weights.get(r) for r in rows]):
+            ours = engine.model(input_ids=ids).logits
+        with engine.adapters([None] * len(rows)):
+            plain = engine.model(input_ids=ids).logits
+
+    assert (ours - expected).abs().max().item() <= 1e-4
+    # The adapters really change each adapted row, and only those rows.
+    changed = (ours - plain).abs().amax(dim=(1, 2))
+    assert [bool(c > 1e-3) for c in changed] == [r != "__base__" for r in rows]
 
 
 def test_adapter_for_another_architecture_is_refused(engine, foreign_adapter_files):
