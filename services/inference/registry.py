@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,6 +18,8 @@ import redis.asyncio as aioredis
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.keys import PLATFORM, adapter_index, adapter_versions
 from services.common.names import check_adapter_name, check_tenant
+
+log = logging.getLogger(__name__)
 
 # Allocates the version (max + 1 when 0 is asked) and makes it current, atomically.
 _REGISTER = """
@@ -105,7 +108,12 @@ class AdapterRegistry:
         raw = await self._redis.hget(adapter_versions(owner, name), str(version))
         if raw is None:
             return None
-        return AdapterRecord(**{**json.loads(raw), "version": version})
+        try:
+            return AdapterRecord(**{**json.loads(raw), "version": version})
+        except (TypeError, ValueError):
+            # One corrupt record must not break listing for everyone: skip it, loudly.
+            log.error("malformed adapter record", extra={"owner": owner, "adapter": name})
+            return None
 
     async def resolve(self, tenant: str, name: str, version: int = 0) -> AdapterRecord:
         """The tenant's own adapter, else a platform-shared one. Another tenant's adapter

@@ -379,3 +379,15 @@ async def test_score_prefers_the_tenants_text_under_its_adapter(stub):
         assert tuned.adapter.name == "bank"
         gains.append(tuned.scores[0].total_logprob - base.scores[0].total_logprob)
     assert sum(gains) > 0, gains
+
+
+async def test_a_corrupt_registry_record_does_not_break_listing(stub, inference):
+    _, core = inference
+    tenant = new_tenant()
+    await register(stub, tenant, name="good")
+    redis = core.registry._redis
+    await redis.hset(f"lp:{{{tenant}}}:adapter:broken:versions", "1", b'{"name": "broken"}')
+    await redis.hset(f"lp:{{{tenant}}}:adapters", "broken", 1)
+    listed = await stub.ListAdapters(pb.ListAdaptersRequest(tenant=tenant))
+    assert [a.name for a in listed.adapters if not a.shared] == ["good"]
+    await expect_error(stub.Generate(generate_request(tenant, "broken")), grpc.StatusCode.NOT_FOUND)
