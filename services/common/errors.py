@@ -60,3 +60,10 @@ class ResourceExhausted(LoraplexError):
 class Unavailable(LoraplexError):
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = "UNAVAILABLE"
+
+
+class DataLoss(LoraplexError):
+    """Stored data is missing or corrupt: the platform's fault, not the caller's."""
+
+    code = grpc.StatusCode.DATA_LOSS
+    default_reason = "DATA_LOSS"

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import DataLoss, InvalidArgument
 from services.common.names import check_adapter_name
 
 CONFIG_FILE = "adapter_config.json"
@@ -97,12 +97,12 @@ class AdapterStore:
                 config=(path / CONFIG_FILE).read_bytes(), weights=(path / WEIGHTS_FILE).read_bytes()
             )
         except FileNotFoundError as err:
-            raise FailedPrecondition(
+            raise DataLoss(
                 f"files of adapter {name!r} are missing from the adapter store",
                 reason="ADAPTER_FILES_MISSING",
             ) from err
         if files.sha256 != sha256:
-            raise FailedPrecondition(
+            raise DataLoss(
                 f"adapter {name!r} failed its integrity check (sha256 differs from registration)",
                 reason="SHA256_MISMATCH",
             )

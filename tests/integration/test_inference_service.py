@@ -290,7 +290,7 @@ async def test_tampered_store_file_fails_the_integrity_check_at_load(stub, infer
     weights = core.store.root / tenant / "tampered" / info.sha256 / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1] + b"\0")
     err = await expect_error(
-        stub.Generate(generate_request(tenant, "tampered")), grpc.StatusCode.FAILED_PRECONDITION
+        stub.Generate(generate_request(tenant, "tampered")), grpc.StatusCode.DATA_LOSS
     )
     assert error_reason(err) == "SHA256_MISMATCH"
 

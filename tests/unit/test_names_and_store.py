@@ -4,7 +4,7 @@ import hashlib
 
 import pytest
 
-from services.common.errors import FailedPrecondition, InvalidArgument
+from services.common.errors import DataLoss, InvalidArgument
 from services.common.names import check_adapter_name, check_tenant
 from services.inference.store import AdapterStore, collect_files
 
@@ -75,7 +75,7 @@ def test_store_round_trip_and_tamper_detection(tmp_path):
     assert store.save("bank", "support", files) == relative  # idempotent
     assert store.load("bank", "support", files.sha256) == files
     (tmp_path / relative / "adapter_model.safetensors").write_bytes(b"tampered")
-    with pytest.raises(FailedPrecondition) as info:
+    with pytest.raises(DataLoss) as info:
         store.load("bank", "support", files.sha256)
     assert info.value.reason == "SHA256_MISMATCH"
 
