@@ -8,7 +8,7 @@ from contextlib import AsyncExitStack
 
 import uvicorn
 
-from gateway.app import create_app, open_inference_channel
+from gateway.app import create_app, open_channel
 from gateway.settings import GatewaySettings
 from services.common.logs import setup_logging
 from services.common.redis import EmbeddedRedis, connect
@@ -25,10 +25,22 @@ async def serve(settings: GatewaySettings) -> None:
         resources.callback(embedded.close)
     redis = connect(settings.redis_url or embedded.url)  # type: ignore[union-attr]
     resources.push_async_callback(redis.aclose)
-    channel = open_inference_channel(settings.inference_addr)
+    channel = open_channel(settings.inference_addr)
     resources.push_async_callback(channel.close)
+    optional = {}
+    for name in ("analytics", "experiments"):
+        addr = getattr(settings, f"{name}_addr")
+        if addr:
+            optional[f"{name}_channel"] = open_channel(addr)
+            resources.push_async_callback(optional[f"{name}_channel"].close)
 
-    app = create_app(settings, redis=redis, inference_channel=channel, on_shutdown=resources.aclose)
+    app = create_app(
+        settings,
+        redis=redis,
+        inference_channel=channel,
+        **optional,
+        on_shutdown=resources.aclose,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -9,7 +9,13 @@ import grpc
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from gateway import admin_routes, openai_routes, ops_routes
+from gateway import (
+    admin_routes,
+    analytics_routes,
+    experiments_routes,
+    openai_routes,
+    ops_routes,
+)
 from gateway.deps import Gateway
 from gateway.errors import install_error_handlers
 from gateway.middleware import BodyLimitMiddleware, MetricsMiddleware, UnhandledErrorMiddleware
@@ -17,8 +23,8 @@ from gateway.settings import GatewaySettings
 from services.common.server import MAX_MESSAGE_BYTES
 
 
-def open_inference_channel(addr: str) -> grpc.aio.Channel:
-    """An insecure channel to the inference service that can carry whole adapter uploads
+def open_channel(addr: str) -> grpc.aio.Channel:
+    """An insecure channel to a service that can carry whole adapter uploads
     (gRPC's default limit is 4 MiB a message). Call it inside the event loop that uses it."""
     return grpc.aio.insecure_channel(
         addr,
@@ -34,15 +40,23 @@ def create_app(
     *,
     redis: aioredis.Redis,
     inference_channel: grpc.aio.Channel,
+    analytics_channel: grpc.aio.Channel | None = None,
+    experiments_channel: grpc.aio.Channel | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """The caller owns `redis` and `inference_channel`; `on_shutdown` (e.g. closing them)
     runs when the server stops the app. It has to run there, inside the lifespan: uvicorn
     re-raises a caught SIGTERM once it has stopped, so code after its serve() never runs."""
 
+    gateway = Gateway(settings, redis, inference_channel, analytics_channel, experiments_channel)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if gateway.exporter is not None:
+            gateway.exporter.start()
         yield
+        if gateway.exporter is not None:  # flush usage events before channels close
+            await gateway.exporter.close()
         if on_shutdown is not None:
             await on_shutdown()
 
@@ -51,10 +65,12 @@ def create_app(
         summary="OpenAI-compatible and admin HTTP API over the loraplex services",
         lifespan=lifespan,
     )
-    app.state.gateway = Gateway(settings, redis, inference_channel)
+    app.state.gateway = gateway
     install_error_handlers(app)
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
+    app.include_router(analytics_routes.router)
+    app.include_router(experiments_routes.router)
     app.include_router(ops_routes.router)
     # Added last = outermost: metrics also count the 413s and 500s the others produce.
     app.add_middleware(

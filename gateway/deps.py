@@ -16,18 +16,33 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from grpc_health.v1 import health_pb2_grpc
 
+from gateway.analytics_exporter import AnalyticsExporter
 from gateway.keys import TenantKeyStore
 from gateway.settings import GatewaySettings
+from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
+from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from services.common.errors import Unauthenticated
+from services.common.errors import Unauthenticated, Unavailable
 
 
 class Gateway:
     def __init__(
-        self, settings: GatewaySettings, redis: aioredis.Redis, inference_channel: grpc.aio.Channel
+        self,
+        settings: GatewaySettings,
+        redis: aioredis.Redis,
+        inference_channel: grpc.aio.Channel,
+        analytics_channel: grpc.aio.Channel | None = None,
+        experiments_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.settings = settings
+        self.analytics = (
+            apb_grpc.AnalyticsServiceStub(analytics_channel) if analytics_channel else None
+        )
+        self.exporter = AnalyticsExporter(analytics_channel) if analytics_channel else None
+        self.experiments = (
+            xpb_grpc.ExperimentsServiceStub(experiments_channel) if experiments_channel else None
+        )
         self.redis = redis
         self.keys = TenantKeyStore(redis)
         self.inference = pb_grpc.InferenceServiceStub(inference_channel)
@@ -46,6 +61,22 @@ class Gateway:
                 pb.GetModelInfoRequest(), timeout=self.timeout
             )
         return self._model_info
+
+    def require_analytics(self) -> apb_grpc.AnalyticsServiceStub:
+        if self.analytics is None:
+            raise Unavailable(
+                "analytics is not configured on this gateway (ANALYTICS_ADDR)",
+                reason="ANALYTICS_DISABLED",
+            )
+        return self.analytics
+
+    def require_experiments(self) -> xpb_grpc.ExperimentsServiceStub:
+        if self.experiments is None:
+            raise Unavailable(
+                "experiments are not configured on this gateway (EXPERIMENTS_ADDR)",
+                reason="EXPERIMENTS_DISABLED",
+            )
+        return self.experiments
 
     def is_admin_key(self, presented: str) -> bool:
         # Comparing fixed-length digests in constant time leaks neither content nor length.

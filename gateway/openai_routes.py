@@ -1,7 +1,7 @@
 """OpenAI-compatible routes: the official clients work unchanged with base_url=.../v1.
 
 Responses carry OpenAI's fields plus one `loraplex` object (adapter that served, timing,
-uncertainty statistics), which OpenAI clients ignore.
+uncertainty statistics, experiment variant), which OpenAI clients ignore.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from fastapi import APIRouter
 
+from gateway.analytics_exporter import completion_event
 from gateway.deps import Gateway, GatewayDep, TenantDep
 from gateway.openai_schemas import (
     ChatCompletionRequest,
@@ -22,11 +25,62 @@ from gateway.openai_schemas import (
 )
 from gateway.protojson import proto_to_json
 from loraplex.common.v1 import common_pb2
+from loraplex.experiments.v1 import experiments_service_pb2 as xpb
 from loraplex.inference.v1 import inference_service_pb2 as pb
+from services.common.errors import InvalidArgument
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 _LIST_PAGE_SIZE = 1000  # the largest page ListAdapters serves
+
+
+EXPERIMENT_PREFIX = "experiment:"
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which adapter serves a request, and the experiment variant that chose it, if any."""
+
+    adapter: common_pb2.AdapterRef
+    experiment: str = ""
+    variant: str = ""
+    in_experiment: bool = False
+
+
+async def _route(gateway: Gateway, tenant: str, body: GenerationRequest, base_id: str) -> Route:
+    """`model` names an adapter, the base model, or `experiment:<key>`: then `user` is the
+    unit the experiments service assigns (deterministic and sticky) to a variant."""
+    if not body.model.startswith(EXPERIMENT_PREFIX):
+        return Route(parse_model(body.model, base_id))
+    key = body.model.removeprefix(EXPERIMENT_PREFIX)
+    if not body.user:
+        raise InvalidArgument(
+            "set `user` (a stable id of the end user) to target an experiment",
+            reason="USER_REQUIRED",
+        )
+    assignment = await gateway.require_experiments().Assign(
+        xpb.AssignRequest(tenant=tenant, experiment_key=key, unit_id=body.user),
+        timeout=gateway.timeout,
+    )
+    variant = assignment.variant
+    if not assignment.in_experiment:  # excluded units get the control, as GrowthBook does
+        found = await gateway.require_experiments().GetExperiment(
+            xpb.GetExperimentRequest(tenant=tenant, key=key), timeout=gateway.timeout
+        )
+        variant = found.experiment.variants[0]
+    adapters = variant.adapters
+    if len(adapters) > 1:
+        raise InvalidArgument(
+            f"variant {variant.name!r} composes {len(adapters)} adapters; "
+            "composition is not supported yet",
+            reason="COMPOSITION_UNSUPPORTED",
+        )
+    adapter = (
+        common_pb2.AdapterRef(name=adapters[0].name, version=adapters[0].version)
+        if adapters
+        else common_pb2.AdapterRef()
+    )
+    return Route(adapter, key, variant.name, assignment.in_experiment)
 
 
 async def _generate(
@@ -38,17 +92,37 @@ async def _generate(
     *,
     prompt: str = "",
     messages: Sequence[pb.ChatMessage] = (),
-) -> pb.GenerateResponse:
+) -> tuple[pb.GenerateResponse, Route]:
     info = await gateway.model_info()
+    route = await _route(gateway, tenant, body, info.model_id)
     request = pb.GenerateRequest(
         tenant=tenant,
-        adapter=parse_model(body.model, info.model_id),
+        adapter=route.adapter,
         prompt=prompt,
         messages=messages,
         params=body.sampling_params(max_tokens),
         request_id=request_id,
     )
-    return await gateway.inference.Generate(request, timeout=gateway.timeout)
+    started = time.perf_counter()
+
+    def record(served: common_pb2.AdapterRef, **outcome: Any) -> None:
+        if gateway.exporter is None:
+            return
+        served = served if served.name else common_pb2.AdapterRef(name=info.model_id)
+        event = completion_event(tenant, served, time.perf_counter() - started, **outcome)
+        if route.in_experiment:  # units outside the experiment are not part of its results
+            event.experiment, event.variant = route.experiment, route.variant
+        gateway.exporter.record(event)
+
+    try:
+        reply = await gateway.inference.Generate(request, timeout=gateway.timeout)
+    except grpc.aio.AioRpcError as err:
+        # Unknown adapter names are not recorded: any string would become a series.
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            record(route.adapter, code=err.code())
+        raise
+    record(reply.adapter, reply=reply)
+    return reply, route
 
 
 def _finish_reason(reply: pb.GenerateResponse) -> str:
@@ -56,20 +130,27 @@ def _finish_reason(reply: pb.GenerateResponse) -> str:
 
 
 def _envelope(
-    request_id: str, kind: str, body: GenerationRequest, reply: pb.GenerateResponse
+    request_id: str, kind: str, body: GenerationRequest, reply: pb.GenerateResponse, route: Route
 ) -> dict[str, Any]:
     """The fields a completion and a chat completion share, around their `choices`."""
+    extras: dict[str, Any] = {
+        "adapter": {"name": reply.adapter.name, "version": reply.adapter.version},
+        "uncertainty": proto_to_json(reply.uncertainty),
+        "timing": proto_to_json(reply.timing),
+    }
+    if route.experiment:
+        extras["experiment"] = {
+            "key": route.experiment,
+            "variant": route.variant,
+            "in_experiment": route.in_experiment,
+        }
     return {
         "id": request_id,
         "object": kind,
         "created": int(time.time()),
         "model": body.model,
         "usage": proto_to_json(reply.usage),
-        "loraplex": {
-            "adapter": {"name": reply.adapter.name, "version": reply.adapter.version},
-            "uncertainty": proto_to_json(reply.uncertainty),
-            "timing": proto_to_json(reply.timing),
-        },
+        "loraplex": extras,
     }
 
 
@@ -79,14 +160,16 @@ async def create_completion(
 ) -> dict[str, Any]:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_tokens if body.max_tokens is not None else body.DEFAULT_MAX_TOKENS
-    reply = await _generate(gateway, tenant, body, max_tokens, request_id, prompt=body.prompt)
+    reply, route = await _generate(
+        gateway, tenant, body, max_tokens, request_id, prompt=body.prompt
+    )
     choice = {
         "text": reply.text,
         "index": 0,
         "finish_reason": _finish_reason(reply),
         "logprobs": None,
     }
-    return _envelope(request_id, "text_completion", body, reply) | {"choices": [choice]}
+    return _envelope(request_id, "text_completion", body, reply, route) | {"choices": [choice]}
 
 
 @router.post("/chat/completions")
@@ -100,14 +183,14 @@ async def create_chat_completion(
     if max_tokens is None:  # OpenAI's chat default: 0 asks for as many tokens as fit
         max_tokens = 0
     messages = [m.to_proto() for m in body.messages]
-    reply = await _generate(gateway, tenant, body, max_tokens, request_id, messages=messages)
+    reply, route = await _generate(gateway, tenant, body, max_tokens, request_id, messages=messages)
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": reply.text},
         "finish_reason": _finish_reason(reply),
         "logprobs": None,
     }
-    return _envelope(request_id, "chat.completion", body, reply) | {"choices": [choice]}
+    return _envelope(request_id, "chat.completion", body, reply, route) | {"choices": [choice]}
 
 
 async def _adapters(gateway: Gateway, tenant: str) -> AsyncIterator[common_pb2.AdapterInfo]:

@@ -14,7 +14,7 @@ _INT64 = {_F.TYPE_INT64, _F.TYPE_UINT64, _F.TYPE_SINT64, _F.TYPE_FIXED64, _F.TYP
 
 def proto_to_json(message: Message) -> dict[str, Any]:
     """The proto3 JSON mapping with the .proto's snake_case names and every field present,
-    except that 64-bit integers stay numbers (the mapping makes them strings for
+    except that 64-bit integers (map values too) stay numbers (the mapping makes them strings for
     JavaScript's sake; byte counts and hit counters are far below 2**53)."""
     out = json_format.MessageToDict(
         message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
@@ -24,9 +24,8 @@ def proto_to_json(message: Message) -> dict[str, Any]:
 
 
 def _leave_as_is(descriptor: Descriptor) -> bool:
-    """Well-known types (Timestamp, ...) have their own JSON forms; maps (none of ours hold
-    64-bit values) are dicts, not messages."""
-    return descriptor.full_name.startswith("google.protobuf.") or descriptor.GetOptions().map_entry
+    """Well-known types (Timestamp, ...) have their own JSON forms."""
+    return descriptor.full_name.startswith("google.protobuf.")
 
 
 def _int64_to_numbers(descriptor: Descriptor, out: dict[str, Any]) -> None:
@@ -35,7 +34,10 @@ def _int64_to_numbers(descriptor: Descriptor, out: dict[str, Any]) -> None:
         if value is None:
             continue
         repeated = isinstance(value, list)
-        if field.type in _INT64:
+        if field.type == _F.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+            if field.message_type.fields_by_name["value"].type in _INT64:
+                out[field.name] = {k: int(v) for k, v in value.items()}
+        elif field.type in _INT64:
             out[field.name] = [int(v) for v in value] if repeated else int(value)
         elif field.type == _F.TYPE_MESSAGE and not _leave_as_is(field.message_type):
             for item in value if repeated else [value]:

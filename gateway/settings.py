@@ -15,6 +15,12 @@ class GatewaySettings(ServiceSettings):
     port: int = 8080
     # host:port of the inference service's gRPC server (env INFERENCE_ADDR).
     inference_addr: str = "127.0.0.1:50051"
+    # host:port of the analytics service (env ANALYTICS_ADDR). Unset: no usage events are
+    # exported and /analytics answers 503.
+    analytics_addr: str | None = None
+    # host:port of the experiments service (env EXPERIMENTS_ADDR). Unset: /ab-testing and
+    # `model: "experiment:<key>"` answer 503.
+    experiments_addr: str | None = None
     # The key that unlocks /admin (env LORAPLEX_ADMIN_KEY only: the project-wide name, and
     # no ADMIN_KEY alias to collide with). Unset: the admin API refuses every request.
     admin_key: SecretStr | None = Field(default=None, validation_alias="loraplex_admin_key")

@@ -12,7 +12,12 @@ import importlib
 from typing import Any
 
 # exported name -> module that defines it
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "ABTestingFramework": "services.experiments.library",
+    "get_ab_framework": "services.experiments.library",
+    "AdapterAnalytics": "services.analytics.library",
+    "get_analytics": "services.analytics.library",
+}
 
 __all__ = sorted(_EXPORTS)
 

@@ -26,6 +26,8 @@ from services.common.settings import REPO_ROOT
 
 DEMO_ADAPTERS = REPO_ROOT / "models" / "adapters"
 DEMO_TENANTS = ("retailer", "bank", "airline")
+# gRPC services the stack runs (python -m services.<name>) and their default ports.
+GRPC_SERVICES = {"inference": 50051, "analytics": 50052, "experiments": 50053}
 
 
 def demo_adapter_name(tenant: str) -> str:
@@ -125,18 +127,23 @@ def main() -> int:
         **os.environ,
         "REDIS_URL": os.environ.get("REDIS_URL") or embedded.url,
         "LORAPLEX_ADMIN_KEY": admin_key,
-        "INFERENCE_ADDR": os.environ.get("INFERENCE_ADDR", "127.0.0.1:50051"),
         "ADAPTER_STORE_DIR": os.environ.get("ADAPTER_STORE_DIR", str(run_dir / "adapter-store")),
     }
-    inference_port = env["INFERENCE_ADDR"].rsplit(":", 1)[1]
+    # Each gRPC service listens where <NAME>_ADDR says; the gateway reads the same names.
+    for name, port in GRPC_SERVICES.items():
+        env[f"{name.upper()}_ADDR"] = os.environ.get(f"{name.upper()}_ADDR", f"127.0.0.1:{port}")
     gateway_port = int(os.environ.get("GATEWAY_PORT", "8080"))
     url = f"http://127.0.0.1:{gateway_port}"
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "services.inference"], env={**env, "PORT": inference_port}
-        ),
-        subprocess.Popen([sys.executable, "-m", "gateway"], env={**env, "PORT": str(gateway_port)}),
+            [sys.executable, "-m", f"services.{name}"],
+            env={**env, "PORT": env[f"{name.upper()}_ADDR"].rsplit(":", 1)[1]},
+        )
+        for name in GRPC_SERVICES
     ]
+    procs.append(
+        subprocess.Popen([sys.executable, "-m", "gateway"], env={**env, "PORT": str(gateway_port)})
+    )
     stop_requested = False
 
     def request_stop(*_: object) -> None:
@@ -147,8 +154,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         deadline = time.monotonic() + args.ready_timeout
-        addr = env["INFERENCE_ADDR"]
-        wait_until(lambda: grpc_serving(addr), f"inference at {addr}", deadline, procs)
+        for name in GRPC_SERVICES:
+            addr = env[f"{name.upper()}_ADDR"]
+            wait_until(lambda a=addr: grpc_serving(a), f"{name} at {addr}", deadline, procs)
         wait_until(lambda: http_ready(url), f"gateway at {url}", deadline, procs)
         keys = {} if args.no_demo else seed_demo(url, admin_key, known)
         write_keys(keys_file, {"LORAPLEX_URL": url, "LORAPLEX_ADMIN_KEY": admin_key, **keys})

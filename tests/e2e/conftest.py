@@ -16,6 +16,8 @@ import pytest
 from services.common.settings import REPO_ROOT
 from tests.conftest import free_port
 
+GRPC_SERVICE_ENV = ("INFERENCE", "ANALYTICS", "EXPERIMENTS")
+
 
 @dataclass
 class Stack:
@@ -33,12 +35,12 @@ def parse_keys(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def stack(redis_url: str, tmp_path_factory) -> Iterator[Stack]:
     run_dir = tmp_path_factory.mktemp("stack")
-    gateway_port, inference_port = free_port(), free_port()
+    gateway_port = free_port()
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "LORAPLEX_RUN_DIR": str(run_dir),
-        "INFERENCE_ADDR": f"127.0.0.1:{inference_port}",
+        **{f"{svc}_ADDR": f"127.0.0.1:{free_port()}" for svc in GRPC_SERVICE_ENV},
         "GATEWAY_PORT": str(gateway_port),
         "METRICS_PORT": "0",
         "LORAPLEX_ADMIN_KEY": "lpx_admin_e2e_" + os.urandom(8).hex(),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 
 import httpx
 import openai
@@ -155,6 +156,99 @@ def test_bad_adapter_uploads_are_400_with_the_reason(stack, change, reason):
     reply = upload(stack, "retailer", files, **form)
     assert reply.status_code == 400, reply.text
     assert reply.json()["error"]["details"][0]["reason"] == reason
+
+
+def test_completions_show_up_in_analytics_with_exact_counts(stack):
+    assert upload(
+        stack, "airline", adapter_files(DEMO_ADAPTERS / "airline"), name="probe"
+    ).is_success
+    airline = client(stack, "airline")
+    for _ in range(3):
+        airline.completions.create(model="probe", prompt=PROMPTS["airline"], max_tokens=4)
+    with pytest.raises(openai.BadRequestError):
+        airline.completions.create(model="probe", prompt=PROMPTS["airline"], max_tokens=10**6)
+
+    def metrics(tenant: str) -> dict:
+        reply = httpx.get(
+            f"{stack.url}/analytics/adapters/probe",
+            headers={"Authorization": f"Bearer {stack.keys[f'{tenant.upper()}_KEY']}"},
+        )
+        assert reply.status_code == 200, reply.text
+        return reply.json()["metrics"]
+
+    deadline = time.monotonic() + 15  # the gateway exports in the background, every second
+    while metrics("airline")["requests"] < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen = metrics("airline")
+    assert (seen["requests"], seen["successes"], seen["errors"]) == (4, 3, 1)
+    assert seen["errors_by_code"] == {"INVALID_ARGUMENT": 1}
+    assert seen["completion_tokens"] > 0 and seen["latency_p50_seconds"] > 0
+    assert metrics("bank")["requests"] == 0  # another tenant sees nothing of it
+
+    top = httpx.get(
+        f"{stack.url}/analytics/top-performers",
+        params={"metric": "requests", "limit": 50},
+        headers={"Authorization": f"Bearer {stack.keys['AIRLINE_KEY']}"},
+    ).json()
+    assert "probe" in [a["adapter"] for a in top["adapters"]]
+
+
+def test_an_experiment_routes_users_to_sticky_variants(stack):
+    bank = {"Authorization": f"Bearer {stack.keys['BANK_KEY']}"}
+    assert upload(stack, "bank", adapter_files(DEMO_ADAPTERS / "bank"), name="bank-b").is_success
+    definition = {
+        "key": "support-v2",
+        "variants": [
+            {"name": "control", "traffic_weight": 0.5, "adapters": [{"name": "bank-support"}]},
+            {"name": "treatment", "traffic_weight": 0.5, "adapters": [{"name": "bank-b"}]},
+        ],
+    }
+    created = httpx.post(f"{stack.url}/ab-testing/experiments", json=definition, headers=bank)
+    assert created.status_code == 201, created.text
+    started = httpx.patch(
+        f"{stack.url}/ab-testing/experiments/support-v2",
+        json={"action": "EXPERIMENT_ACTION_START"},
+        headers=bank,
+    )
+    assert started.status_code == 200, started.text
+
+    served = {}
+    for user in (f"user-{i}" for i in range(12)):
+        reply = httpx.post(
+            f"{stack.url}/v1/completions",
+            json={"model": "experiment:support-v2", "user": user, "prompt": "Hi", "max_tokens": 2},
+            headers=bank,
+            timeout=60,
+        ).json()
+        routed = reply["loraplex"]["experiment"]
+        assert routed["in_experiment"]
+        adapter = {"control": "bank-support", "treatment": "bank-b"}[routed["variant"]]
+        assert reply["loraplex"]["adapter"]["name"] == adapter
+        served[user] = routed["variant"]
+        assigned = httpx.post(
+            f"{stack.url}/ab-testing/assign",
+            json={"experiment": "support-v2", "unit_id": user},
+            headers=bank,
+        ).json()
+        assert assigned["variant"]["name"] == routed["variant"]  # the same, every time
+    assert set(served.values()) == {"control", "treatment"}
+
+    results = httpx.get(f"{stack.url}/ab-testing/experiments/support-v2/results", headers=bank)
+    assert results.status_code == 200, results.text
+    # Another tenant cannot see the experiment, nor route into it.
+    airline = {"Authorization": f"Bearer {stack.keys['AIRLINE_KEY']}"}
+    hidden = httpx.get(f"{stack.url}/ab-testing/experiments/support-v2", headers=airline)
+    assert hidden.status_code == 404
+
+
+def test_experiment_routing_needs_a_user(stack):
+    reply = httpx.post(
+        f"{stack.url}/v1/completions",
+        json={"model": "experiment:support-v2", "prompt": "Hi", "max_tokens": 2},
+        headers={"Authorization": f"Bearer {stack.keys['BANK_KEY']}"},
+    )
+    assert reply.status_code == 400
+    assert reply.json()["error"]["details"][0]["reason"] == "USER_REQUIRED"
 
 
 def test_stack_stops_cleanly_on_ctrl_c(stack):

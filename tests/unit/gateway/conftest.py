@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from gateway.app import create_app, open_inference_channel
+from gateway.app import create_app, open_channel
 from gateway.keys import TenantKeyStore
 from tests.unit.gateway.fake_inference import (
     ADMIN_KEY,
@@ -35,7 +35,7 @@ def fake(inference: FakeInferenceServer) -> FakeInference:
 
 @pytest.fixture
 async def channel(inference: FakeInferenceServer) -> AsyncIterator[grpc.aio.Channel]:
-    ch = open_inference_channel(inference.addr)
+    ch = open_channel(inference.addr)
     yield ch
     await ch.close()
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import openai
 import uvicorn
 
-from gateway.app import create_app, open_inference_channel
+from gateway.app import create_app, open_channel
 from gateway.settings import GatewaySettings
 from services.common.redis import connect
 from tests.unit.gateway.fake_inference import (
@@ -33,7 +33,7 @@ def serve_gateway(settings: GatewaySettings, redis_url: str) -> Iterator[str]:
 
     async def serve() -> None:
         redis = connect(redis_url)
-        channel = open_inference_channel(settings.inference_addr)
+        channel = open_channel(settings.inference_addr)
 
         async def close() -> None:
             await channel.close()

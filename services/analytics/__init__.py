@@ -1,0 +1,1 @@
+"""Analytics service: per-adapter aggregates in Redis and mergeable latency sketches."""

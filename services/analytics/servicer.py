@@ -1,0 +1,157 @@
+"""gRPC servicer: translates protos to AnalyticsCore calls and back. No logic of its own."""
+
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from loraplex.analytics.v1 import analytics_service_pb2 as pb
+from loraplex.analytics.v1 import analytics_service_pb2_grpc as pb_grpc
+from services.analytics.core import HOUR, MINUTE, AnalyticsCore, Event, Metrics, SeriesFilter
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
+_RANK = {
+    pb.RANK_METRIC_SUCCESS_RATE: "success_rate",
+    pb.RANK_METRIC_P95_LATENCY: "p95_latency",
+    pb.RANK_METRIC_REQUESTS: "requests",
+    pb.RANK_METRIC_AVG_RATING: "avg_rating",
+    pb.RANK_METRIC_TOKENS_PER_SECOND: "tokens_per_second",
+}
+_RESOLUTION = {pb.RESOLUTION_MINUTE: MINUTE, pb.RESOLUTION_HOUR: HOUR}
+_RESOLUTION_PB = {v: k for k, v in _RESOLUTION.items()}
+
+
+# RequestStatus number -> "OK", "DEADLINE_EXCEEDED", ...; UNSPECIFIED and numbers this
+# build lacks map to "" (rejected as UNKNOWN_STATUS).
+_STATUS = {
+    v.number: v.name.removeprefix("REQUEST_STATUS_")
+    for v in pb.RequestStatus.DESCRIPTOR.values
+    if v.number != pb.REQUEST_STATUS_UNSPECIFIED
+}
+
+
+def event_from_proto(e: pb.Event) -> Event:
+    # Positional and without HasField where a default is the same: this runs per event.
+    kind = e.WhichOneof("kind") or ""
+    adapter = e.adapter
+    when = e.time.seconds + e.time.nanos * 1e-9 if e.HasField("time") else None
+    head = (e.tenant, adapter.name, adapter.version, e.experiment, e.variant, when, kind)
+    if kind == "request":
+        r = e.request
+        ttft = r.time_to_first_token_seconds if r.HasField("time_to_first_token_seconds") else None
+        return Event(
+            *head,
+            _STATUS.get(r.status, ""),
+            r.latency_seconds,
+            ttft,
+            r.prompt_tokens,
+            r.completion_tokens,
+        )
+    if kind == "feedback":
+        return Event(*head, rating=e.feedback.rating)
+    return Event(*head)
+
+
+def series_filter(f: pb.SeriesFilter) -> SeriesFilter:
+    return SeriesFilter(
+        version=f.version if f.HasField("version") else None,
+        experiment=f.experiment if f.HasField("experiment") else None,
+        variant=f.variant if f.HasField("variant") else None,
+    )
+
+
+def metrics_proto(m: Metrics) -> pb.AdapterMetrics:
+    p50, p95, p99 = m.sketch.quantiles((0.5, 0.95, 0.99))
+    return pb.AdapterMetrics(
+        requests=m.requests,
+        successes=m.successes,
+        errors=m.errors,
+        errors_by_code=m.errors_by_code,
+        success_rate=m.success_rate,
+        prompt_tokens=m.prompt_tokens,
+        completion_tokens=m.completion_tokens,
+        latency_mean_seconds=m.latency_mean,
+        latency_p50_seconds=p50,
+        latency_p95_seconds=p95,
+        latency_p99_seconds=p99,
+        time_to_first_token_mean_seconds=m.ttft_mean,
+        tokens_per_second=m.tokens_per_second,
+        rating_count=m.rating_count,
+        rating_mean=m.rating_mean,
+        rating_stddev=m.rating_stddev,
+    )
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _window(request) -> tuple[float | None, float | None]:
+    window = request.window.ToNanoseconds() / 1e9 if request.HasField("window") else None
+    end = request.end_time.ToNanoseconds() / 1e9 if request.HasField("end_time") else None
+    return window, end
+
+
+class AnalyticsServicer(pb_grpc.AnalyticsServiceServicer):
+    def __init__(self, core: AnalyticsCore) -> None:
+        self.core = core
+
+    async def RecordBatch(self, request: pb.RecordBatchRequest, context):
+        result = await self.core.record_batch(
+            request.batch_id, [event_from_proto(e) for e in request.events]
+        )
+        return pb.RecordBatchResponse(
+            accepted=result.accepted,
+            rejected=[pb.RejectedEvent(index=i, reason=r) for i, r in result.rejected],
+            rejected_by_reason=result.rejected_by_reason,
+            duplicate=result.duplicate,
+        )
+
+    async def GetAdapterMetrics(self, request: pb.GetAdapterMetricsRequest, context):
+        window, end = _window(request)
+        metrics, win = await self.core.adapter_metrics(
+            request.tenant, request.adapter, window, end, series_filter(request.filter)
+        )
+        return pb.GetAdapterMetricsResponse(
+            adapter=request.adapter,
+            metrics=metrics_proto(metrics),
+            start_time=_timestamp(win.start),
+            end_time=_timestamp(win.end),
+            resolution=_RESOLUTION_PB[win.resolution],
+        )
+
+    async def TopAdapters(self, request: pb.TopAdaptersRequest, context):
+        window, end = _window(request)
+        ranked, _ = await self.core.top_adapters(
+            request.tenant,
+            _RANK.get(request.metric, ""),
+            request.limit,
+            window,
+            end,
+            request.min_requests,
+        )
+        return pb.TopAdaptersResponse(
+            adapters=[
+                pb.RankedAdapter(adapter=r.adapter, value=r.value, requests=r.requests)
+                for r in ranked
+            ]
+        )
+
+    async def GetTimeseries(self, request: pb.GetTimeseriesRequest, context):
+        window, end = _window(request)
+        points, win = await self.core.timeseries(
+            request.tenant,
+            request.adapter,
+            window,
+            end,
+            _RESOLUTION.get(request.resolution),
+            series_filter(request.filter),
+        )
+        return pb.GetTimeseriesResponse(
+            resolution=_RESOLUTION_PB[win.resolution],
+            points=[
+                pb.TimeseriesPoint(start_time=_timestamp(start), metrics=metrics_proto(m))
+                for start, m in points
+            ],
+        )

@@ -1,0 +1,1 @@
+"""The experiments (A/B testing) service: definitions, assignment and results."""
