@@ -13,9 +13,7 @@ Keys (all in the tenant's hash slot):
 from __future__ import annotations
 
 import asyncio
-import base64
 import dataclasses
-import json
 import math
 import re
 import time
@@ -31,6 +29,7 @@ from services.common.errors import (
 )
 from services.common.keys import PLATFORM, adapter_index, adapter_versions, key
 from services.common.names import check_adapter_name, check_tenant
+from services.common.paging import decode_page_token, encode_page_token
 from services.experiments import assignment
 from services.experiments.model import (
     Experiment,
@@ -168,22 +167,6 @@ def _check_name(what: str, value: str) -> None:
             f"invalid {what} {value!r}: use 1-64 letters, digits, '.', '-' or '_'",
             reason="INVALID_NAME",
         )
-
-
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"o": offset}).encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        offset = int(json.loads(base64.urlsafe_b64decode(token.encode()))["o"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InvalidArgument("invalid page_token", reason="BAD_PAGE_TOKEN") from err
-    if offset < 0:
-        raise InvalidArgument("invalid page_token", reason="BAD_PAGE_TOKEN")
-    return offset
 
 
 class _Batcher:
@@ -423,7 +406,7 @@ class ExperimentStore:
         if page_size < 0:
             raise InvalidArgument("page_size must not be negative", reason="BAD_PAGE_SIZE")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        offset = _decode_token(page_token)
+        offset = decode_page_token(page_token)
         out: list[Experiment] = []
         index = experiment_index(tenant)
         while len(out) < size:
@@ -441,7 +424,7 @@ class ExperimentStore:
                 if len(out) == size:
                     break
         more = await self.redis.zcard(index) > offset
-        return out, _encode_token(offset) if more else ""
+        return out, encode_page_token(offset) if more else ""
 
     async def update(self, tenant: str, exp_key: str, change: Update) -> Experiment:
         for _ in range(10):

@@ -7,7 +7,6 @@ Keys (owner is a tenant id, or the platform tag for shared adapters):
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
@@ -18,6 +17,7 @@ import redis.asyncio as aioredis
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.keys import PLATFORM, adapter_index, adapter_versions
 from services.common.names import check_adapter_name, check_tenant
+from services.common.paging import decode_page_token, encode_page_token
 
 log = logging.getLogger(__name__)
 
@@ -57,22 +57,6 @@ class AdapterRecord:
     @property
     def cache_key(self) -> tuple[str, str, int]:
         return (self.owner, self.name, self.version)
-
-
-def _encode_token(offset: int) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"o": offset}).encode()).decode()
-
-
-def _decode_token(token: str) -> int:
-    if not token:
-        return 0
-    try:
-        offset = int(json.loads(base64.urlsafe_b64decode(token.encode()))["o"])
-    except (ValueError, KeyError, TypeError) as err:
-        raise InvalidArgument("invalid page_token", reason="BAD_PAGE_TOKEN") from err
-    if offset < 0:
-        raise InvalidArgument("invalid page_token", reason="BAD_PAGE_TOKEN")
-    return offset
 
 
 class AdapterRegistry:
@@ -135,7 +119,7 @@ class AdapterRegistry:
         if page_size < 0 or page_size > 1000:
             raise InvalidArgument("page_size must be in [0, 1000]", reason="BAD_PAGE_SIZE")
         page_size = page_size or 100
-        offset = _decode_token(page_token)
+        offset = decode_page_token(page_token)
         entries: list[tuple[str, str, int]] = []
         for owner in (tenant, PLATFORM):
             current = await self._redis.hgetall(adapter_index(owner))
@@ -146,5 +130,7 @@ class AdapterRegistry:
             record = await self._get_owned(owner, name, version)
             if record is not None:
                 records.append(record)
-        next_token = _encode_token(offset + page_size) if offset + page_size < len(entries) else ""
+        next_token = (
+            encode_page_token(offset + page_size) if offset + page_size < len(entries) else ""
+        )
         return records, next_token
