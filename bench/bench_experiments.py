@@ -15,7 +15,6 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.experiments.v1 import experiments_service_pb2 as pb
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as pb_grpc
 from services.common.keys import adapter_index
+from services.common.localhost import free_port
 
 RESULTS = Path(__file__).parent / "results"
 UNITS = int(os.environ.get("BENCH_UNITS", 1_000_000))
@@ -42,12 +42,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def redis_binary() -> str:

@@ -31,22 +31,6 @@ EVENTS = prometheus_client.Counter(
     ["outcome"],
 )
 
-# gRPC status name -> the analytics RequestStatus for a failed completion.
-_STATUS = {
-    name: getattr(apb, f"REQUEST_STATUS_{name}")
-    for name in (
-        "OK",
-        "CANCELLED",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "UNAVAILABLE",
-        "INTERNAL",
-    )
-}
-
 
 def completion_event(
     tenant: str,
@@ -57,7 +41,8 @@ def completion_event(
 ) -> apb.Event:
     """One completion's outcome; token counts and time to first token come from the reply."""
     outcome = apb.RequestOutcome(
-        status=_STATUS.get(code.name, apb.REQUEST_STATUS_INTERNAL),
+        # The analytics enum mirrors gRPC's names; codes it lacks count as INTERNAL.
+        status=getattr(apb, f"REQUEST_STATUS_{code.name}", apb.REQUEST_STATUS_INTERNAL),
         latency_seconds=latency_seconds,
     )
     if reply is not None:

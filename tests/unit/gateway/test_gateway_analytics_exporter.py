@@ -14,9 +14,9 @@ from loraplex.analytics.v1 import analytics_service_pb2 as apb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.common.v1 import common_pb2
 from services.common.errors import Unavailable
+from services.common.localhost import free_port
 from services.common.server import Server, ServiceSpec
 from services.common.settings import ServiceSettings
-from tests.conftest import free_port
 
 
 class FakeAnalytics(apb_grpc.AnalyticsServiceServicer):

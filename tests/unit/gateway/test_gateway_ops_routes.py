@@ -9,8 +9,8 @@ from fastapi import FastAPI
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import create_app
+from services.common.localhost import free_port
 from services.common.redis import connect
-from tests.conftest import free_port
 from tests.unit.gateway.fake_inference import (
     FakeInferenceServer,
     NewTenant,
