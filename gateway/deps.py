@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from grpc_health.v1 import health_pb2_grpc
 
+from gateway.adapter_metrics import AdapterSeries
 from gateway.analytics_exporter import AnalyticsExporter
 from gateway.keys import TenantKeyStore
 from gateway.settings import GatewaySettings
@@ -40,6 +41,7 @@ class Gateway:
             apb_grpc.AnalyticsServiceStub(analytics_channel) if analytics_channel else None
         )
         self.exporter = AnalyticsExporter(analytics_channel) if analytics_channel else None
+        self.adapter_series = AdapterSeries(settings.adapter_metrics_limit)
         self.experiments = (
             xpb_grpc.ExperimentsServiceStub(experiments_channel) if experiments_channel else None
         )

@@ -106,10 +106,13 @@ async def _generate(
     started = time.perf_counter()
 
     def record(served: common_pb2.AdapterRef, **outcome: Any) -> None:
+        served = served if served.name else common_pb2.AdapterRef(name=info.model_id)
+        seconds = time.perf_counter() - started
+        code = outcome.get("code", grpc.StatusCode.OK).name
+        gateway.adapter_series.observe(tenant, served.name, code, seconds)
         if gateway.exporter is None:
             return
-        served = served if served.name else common_pb2.AdapterRef(name=info.model_id)
-        event = completion_event(tenant, served, time.perf_counter() - started, **outcome)
+        event = completion_event(tenant, served, seconds, **outcome)
         if route.in_experiment:  # units outside the experiment are not part of its results
             event.experiment, event.variant = route.experiment, route.variant
         gateway.exporter.record(event)

@@ -28,6 +28,9 @@ class GatewaySettings(ServiceSettings):
     request_timeout_seconds: float = Field(default=120.0, gt=0)
     # Deadline of the dependency checks behind /readyz (kept short: probes time out fast).
     health_timeout_seconds: float = Field(default=2.0, gt=0)
+    # How many (tenant, adapter) pairs get Prometheus series of their own; the rest share
+    # one "_other" series (bounded cardinality).
+    adapter_metrics_limit: int = Field(default=200, ge=0)
     # Largest request body accepted; adapter uploads under /admin get the larger limit.
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=0)

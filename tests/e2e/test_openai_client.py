@@ -111,6 +111,7 @@ def test_readyz_and_metrics(stack):
     assert httpx.get(f"{stack.url}/readyz").status_code == 200
     metrics = httpx.get(f"{stack.url}/metrics").text
     assert "loraplex_http_requests_total" in metrics
+    assert 'adapter="retailer-support",code="OK"' in metrics  # per-adapter (bounded) series
 
 
 def upload(stack, tenant: str, files: dict[str, bytes], **form) -> httpx.Response:

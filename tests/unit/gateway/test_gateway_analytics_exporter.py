@@ -104,3 +104,24 @@ def test_completion_event_carries_the_reply_counts():
 async def test_close_without_start_is_harmless(fake_analytics):
     _, channel = fake_analytics
     await asyncio.wait_for(AnalyticsExporter(channel).close(), 1)
+
+
+def test_per_adapter_series_are_bounded():
+    import prometheus_client
+
+    from gateway.adapter_metrics import OTHER, AdapterSeries
+
+    def count(tenant: str, adapter: str) -> float:
+        sample = prometheus_client.REGISTRY.get_sample_value(
+            "loraplex_adapter_requests_total",
+            {"tenant": tenant, "adapter": adapter, "code": "OK"},
+        )
+        return sample or 0.0
+
+    series = AdapterSeries(limit=2)
+    before_other = count(OTHER, OTHER)
+    for adapter in ("bounded-a", "bounded-b", "bounded-c", "bounded-d", "bounded-a"):
+        series.observe("metrics-t", adapter, "OK", 0.1)
+    assert count("metrics-t", "bounded-a") == 2 and count("metrics-t", "bounded-b") == 1
+    assert count("metrics-t", "bounded-c") == 0  # past the limit: no series of its own
+    assert count(OTHER, OTHER) == before_other + 2

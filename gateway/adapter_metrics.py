@@ -1,0 +1,48 @@
+"""Per-adapter Prometheus series for a bounded set of adapters.
+
+The first `limit` (tenant, adapter) pairs seen get series of their own; every later pair
+is counted under tenant="_other", adapter="_other", so a tenant with 10,000 adapters cannot
+blow up the metrics' cardinality. Full per-adapter numbers live in the analytics service.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import prometheus_client
+
+OTHER = "_other"
+
+REQUESTS = prometheus_client.Counter(
+    "loraplex_adapter_requests_total",
+    "Completions by adapter (a bounded set; the rest under _other) and gRPC status code.",
+    ["tenant", "adapter", "code"],
+)
+DURATION = prometheus_client.Histogram(
+    "loraplex_adapter_request_duration_seconds",
+    "Completion latency at the gateway by adapter (a bounded set; the rest under _other).",
+    ["tenant", "adapter"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+
+
+class AdapterSeries:
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._tracked: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def _labels(self, tenant: str, adapter: str) -> tuple[str, str]:
+        pair = (tenant, adapter)
+        with self._lock:
+            if pair in self._tracked:
+                return pair
+            if len(self._tracked) < self._limit:
+                self._tracked.add(pair)
+                return pair
+        return OTHER, OTHER
+
+    def observe(self, tenant: str, adapter: str, code: str, seconds: float) -> None:
+        tenant, adapter = self._labels(tenant, adapter)
+        REQUESTS.labels(tenant, adapter, code).inc()
+        DURATION.labels(tenant, adapter).observe(seconds)
