@@ -44,20 +44,25 @@ class LoraBatch:
         self.modules: dict[str, _Stacked] = {}
         if self.single is not None or not distinct:
             return
-        names = sorted({n for a in distinct.values() for n in a.modules})
-        for name in names:
+        adapters = list(distinct.values())
+        # Row -> slot in the stacks below; slot 0 is all zeros (a row without an adapter).
+        slot_of = {id(a): i + 1 for i, a in enumerate(adapters)}
+        rows = torch.tensor([slot_of[id(a)] if a is not None else 0 for a in row_adapters])
+        rows = rows.to(device)
+        for name in sorted({n for a in adapters for n in a.modules}):
             shape = shapes[name]
-            rank = max(a.modules[name].a.shape[0] for a in distinct.values() if name in a.modules)
-            a_t = torch.zeros(self.rows, shape.in_features, rank, dtype=dtype, device=device)
-            b_t = torch.zeros(self.rows, rank, shape.out_features, dtype=dtype, device=device)
-            for row, adapter in enumerate(row_adapters):
-                lora = adapter.modules.get(name) if adapter is not None else None
-                if lora is None:
-                    continue
-                r = lora.a.shape[0]
-                a_t[row, :, :r] = lora.a.T
-                b_t[row, :r, :] = lora.b.T * lora.scaling
-            self.modules[name] = _Stacked(a_t, b_t)
+            rank = max(a.modules[name].a.shape[0] for a in adapters if name in a.modules)
+            slots = len(adapters) + 1
+            a_t = torch.zeros(slots, shape.in_features, rank, dtype=dtype, device=device)
+            b_t = torch.zeros(slots, rank, shape.out_features, dtype=dtype, device=device)
+            for slot, adapter in enumerate(adapters, start=1):
+                lora = adapter.modules.get(name)
+                if lora is not None:
+                    r = lora.a.shape[0]
+                    a_t[slot, :, :r] = lora.a.T
+                    b_t[slot, :r, :] = lora.b.T * lora.scaling
+            # One copy per distinct adapter above, then one gather for all rows.
+            self.modules[name] = _Stacked(a_t[rows], b_t[rows])
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA contribution to module `name`'s output for input x (rows, seq, in)."""
