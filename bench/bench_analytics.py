@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.analytics.v1 import analytics_service_pb2 as pb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as pb_grpc
 from loraplex.common.v1 import common_pb2
-from services.common.localhost import free_port, redis_server_binary
+from services.common.localhost import free_port, start_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "analytics.json"
@@ -194,13 +194,7 @@ async def run(port: int, redis_port: int) -> dict:
 def main() -> None:
     redis_port, port = free_port(), free_port()
     workdir = tempfile.mkdtemp(prefix="loraplex-bench-redis-")
-    redis_proc = subprocess.Popen(
-        [
-            *(redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1"),
-            *("--save", "", "--appendonly", "no", "--dir", workdir),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    redis_proc = start_redis_server(redis_port, workdir)
     env = {
         **os.environ,
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",

@@ -2,50 +2,21 @@
 
 from __future__ import annotations
 
-import subprocess
 import tempfile
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-import redis
 import redis.asyncio as aioredis
 
-from services.common.localhost import free_port, redis_server_binary
+from services.common.localhost import free_port, start_redis_server
 
 
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="loraplex-test-redis-")
-    proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    proc = start_redis_server(port, workdir)
     url = f"redis://127.0.0.1:{port}/0"
-    client = redis.Redis.from_url(url)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.05)
     yield url
     proc.terminate()
     proc.wait(timeout=10)

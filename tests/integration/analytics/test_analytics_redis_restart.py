@@ -9,7 +9,6 @@ import time
 
 import grpc
 import pytest
-import redis
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -18,7 +17,7 @@ from loraplex.analytics.v1 import analytics_service_pb2_grpc as pb_grpc
 from loraplex.common.v1 import common_pb2
 from services.analytics.app import create_server
 from services.analytics.settings import AnalyticsSettings
-from services.common.localhost import free_port, redis_server_binary
+from services.common.localhost import free_port, start_redis_server
 from services.common.redis import connect
 
 pytestmark = pytest.mark.integration
@@ -27,35 +26,8 @@ CLIENTS, BATCHES, EVENTS = 4, 12, 250
 
 
 def start_redis(port: int, workdir: str) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "everysec",
-            "--dir",
-            workdir,
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    client = redis.Redis(port=port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            return proc
-        except redis.exceptions.ConnectionError:  # also "loading the dataset"
-            if time.monotonic() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise
-            time.sleep(0.02)
+    """Append-only file on, so what Redis acknowledged survives kill -9."""
+    return start_redis_server(port, workdir, "--appendonly", "yes", "--appendfsync", "everysec")
 
 
 async def test_acknowledged_equals_stored_across_kill_and_restart(tmp_path):
