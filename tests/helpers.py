@@ -28,3 +28,18 @@ def error_reason(err: grpc.aio.AioRpcError) -> str:
                 if detail.Unpack(info):
                     return info.reason
     return ""
+
+
+def load_lora_weights(directory: Path, linear_shapes: dict, dtype=None):
+    """A PEFT adapter directory parsed into LoraWeights against a base model's linear layers."""
+    import torch
+
+    from services.inference.lora import parse_adapter
+
+    files = adapter_files(directory)
+    return parse_adapter(
+        files["adapter_config.json"],
+        files["adapter_model.safetensors"],
+        linear_shapes,
+        dtype=dtype or torch.float32,
+    )

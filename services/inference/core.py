@@ -1,8 +1,8 @@
 """The inference domain layer: adapter registration, resolution, caching and generation.
 
-No gRPC here: the servicer translates protos to these calls. The model runs on one worker
-thread; adapter parsing and file I/O run on the default thread pool so they do not queue
-behind generations.
+No gRPC here: the servicer translates protos to these calls. The model runs on one thread,
+driven by the continuous-batching scheduler; adapter parsing and file I/O run on the
+default thread pool so they do not queue behind generations.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -22,9 +22,11 @@ from services.common.errors import InvalidArgument, Unavailable
 from services.common.keys import PLATFORM
 from services.common.names import check_adapter_name, check_tenant
 from services.inference.cache import AdapterCache, CacheSnapshot
-from services.inference.engine import Engine, Generation, SamplingConfig, TokenScores
+from services.inference.decoding import DecodeSequence, Generation, SamplingConfig
+from services.inference.engine import Engine, TokenScores
 from services.inference.lora import LoraWeights, parse_adapter
 from services.inference.registry import AdapterRecord, AdapterRegistry
+from services.inference.scheduler import BatchingLimits, Scheduler, StreamChunk
 from services.inference.settings import InferenceSettings
 from services.inference.store import AdapterStore, collect_files
 
@@ -64,24 +66,39 @@ class InferenceCore:
         self.store = AdapterStore(settings.adapter_store_dir)
         self.cache = AdapterCache(settings.adapter_cache_bytes)
         self._engine: Engine | None = None
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._scheduler: Scheduler | None = None
 
     async def start(self) -> None:
         """Load the base model (seconds to minutes); until then requests get UNAVAILABLE."""
         s = self.settings
-        loop = asyncio.get_running_loop()
-        self._engine = await loop.run_in_executor(
-            self._model_thread, Engine, s.model_dir, s.device, s.dtype
+        self._engine = await asyncio.to_thread(Engine, s.model_dir, s.device, s.dtype)
+        self._scheduler = Scheduler(
+            self._engine,
+            BatchingLimits(
+                max_batch_size=s.max_batch_size,
+                max_wait_seconds=s.batch_wait_ms / 1000,
+                max_prefill_tokens=s.max_prefill_tokens,
+                max_queued=s.max_queued_requests,
+                max_queued_per_tenant=s.max_queued_per_tenant,
+            ),
         )
+        self._scheduler.start()
 
     def close(self) -> None:
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        if self._scheduler is not None:
+            self._scheduler.stop()
 
     @property
     def engine(self) -> Engine:
         if self._engine is None:
             raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
         return self._engine
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
+        return self._scheduler
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -249,6 +266,25 @@ class InferenceCore:
         prompt: str = "",
         messages: list[dict[str, str]] | None = None,
     ) -> GenerateResult:
+        stream = self.generate_stream(
+            tenant, adapter_name, adapter_version, params, prompt=prompt, messages=messages
+        )
+        async for record, chunk in stream:
+            if chunk.generation is not None:
+                return GenerateResult(chunk.generation, record, chunk.queue_seconds)
+        raise AssertionError("a generation stream ends with its result")  # pragma: no cover
+
+    async def generate_stream(
+        self,
+        tenant: str,
+        adapter_name: str,
+        adapter_version: int,
+        params: SamplingRequest,
+        prompt: str = "",
+        messages: list[dict[str, str]] | None = None,
+    ) -> AsyncIterator[tuple[AdapterRecord | None, StreamChunk]]:
+        """Chunks of new text as they are generated; the last one carries the result.
+        Everything a request can be refused for is checked before the first chunk."""
         engine = self.engine
         text = self._prompt_text(prompt, messages or [])
         prompt_ids = engine.encode(text)
@@ -256,10 +292,18 @@ class InferenceCore:
         if messages:  # a chat reply is one assistant turn
             config = replace(config, stop=config.stop + engine.chat_stop)
         record = await self.resolve(tenant, adapter_name, adapter_version)
-        queued, generation = await self._run(
-            record, lambda weights: engine.generate(prompt_ids, weights, config)
-        )
-        return GenerateResult(generation=generation, adapter=record, queue_seconds=queued)
+        async with AsyncExitStack() as stack:
+            weights = None
+            if record is not None:  # pinned in the cache until the request ends
+                weights = await stack.enter_async_context(
+                    self.cache.use(record.cache_key, lambda: self._load_weights(record))
+                )
+            request = self.scheduler.submit(tenant, DecodeSequence(prompt_ids, weights, config))
+            try:
+                async for chunk in request:
+                    yield record, chunk
+            finally:
+                request.cancel()
 
     async def score(
         self,
@@ -286,19 +330,12 @@ class InferenceCore:
                 reason="CONTEXT_LENGTH_EXCEEDED",
             )
         record = await self.resolve(tenant, adapter_name, adapter_version)
-        _, scores = await self._run(record, lambda w: engine.score(prompt_ids, completion_ids, w))
+        scores = await self._run(record, lambda w: engine.score(prompt_ids, completion_ids, w))
         return scores, record
 
     async def _run(self, record: AdapterRecord | None, work: Callable[[LoraWeights | None], T]):
-        """Run work on the model thread with the adapter pinned in the cache.
-        Returns (seconds waited before the model thread started it, result)."""
-        loop = asyncio.get_running_loop()
-        submitted = time.perf_counter()
-
-        def timed(weights: LoraWeights | None) -> tuple[float, T]:
-            return time.perf_counter() - submitted, work(weights)
-
+        """Run work on the model thread, between decode steps, with the adapter pinned."""
         if record is None:
-            return await loop.run_in_executor(self._model_thread, timed, None)
+            return await asyncio.wrap_future(self.scheduler.call(lambda: work(None)))
         async with self.cache.use(record.cache_key, lambda: self._load_weights(record)) as weights:
-            return await loop.run_in_executor(self._model_thread, timed, weights)
+            return await asyncio.wrap_future(self.scheduler.call(lambda: work(weights)))

@@ -8,56 +8,20 @@ requests costs nothing. All methods here are synchronous and run on one worker t
 from __future__ import annotations
 
 import logging
-import math
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from services.inference.decoding import DecodeBatch, DecodeSequence, Generation, SamplingConfig
 from services.inference.lora import LinearShape, LoraWeights
 from services.inference.lora_batch import LoraBatch
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    max_new_tokens: int
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass
-class Generation:
-    text: str
-    finish_reason: str  # "stop" | "length"
-    prompt_tokens: int
-    completion_tokens: int
-    token_logprobs: list[float] = field(default_factory=list)
-    token_entropies: list[float] = field(default_factory=list)
-    time_to_first_token: float = 0.0
-    total_seconds: float = 0.0
-
-    @property
-    def mean_token_entropy(self) -> float:
-        return (
-            sum(self.token_entropies) / len(self.token_entropies) if self.token_entropies else 0.0
-        )
-
-    @property
-    def mean_logprob(self) -> float:
-        return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else 0.0
-
-    @property
-    def min_token_prob(self) -> float:
-        return math.exp(min(self.token_logprobs)) if self.token_logprobs else 0.0
 
 
 @dataclass
@@ -81,23 +45,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def sample_token(
-    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
-) -> int:
-    """Greedy at temperature 0; else temperature + nucleus (top-p) sampling."""
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 class Engine:
     def __init__(self, model_dir: Path, device: str = "auto", dtype: str = "auto") -> None:
         self.device = resolve_device(device)
@@ -109,6 +56,9 @@ class Engine:
         self.architecture = type(self.model).__name__
         self.context_length = int(self.model.config.max_position_embeddings)
         self.eos_token_id = self.tokenizer.eos_token_id
+        # Left padding of batched prompts; masked out, so any id works.
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id = pad if pad is not None else self.eos_token_id
         # Where an assistant turn ends when the model writes on into the next turn; chat
         # requests stop there (the model directory's generation_config.json stop_strings).
         generation = self._generation_config(model_dir)
@@ -170,62 +120,20 @@ class Engine:
 
     # -- model calls ----------------------------------------------------------------------
 
-    @torch.inference_mode()
+    def generate_many(self, sequences: list[DecodeSequence]) -> list[Generation]:
+        """Decode these sequences together to the end, in one batch (no scheduler)."""
+        batch = DecodeBatch(self)
+        batch.add(sequences)
+        batch.remove_finished()
+        while len(batch):
+            batch.step()
+            batch.remove_finished()
+        return [s.result() for s in sequences]
+
     def generate(
         self, prompt_ids: list[int], adapter: LoraWeights | None, config: SamplingConfig
     ) -> Generation:
-        started = time.perf_counter()
-        generator = torch.Generator()
-        if config.seed is not None:
-            generator.manual_seed(config.seed)
-        else:
-            generator.seed()
-        with self.adapters([adapter]):
-            ids = torch.tensor([prompt_ids], device=self.device)
-            cache = None
-            tokens: list[int] = []
-            logprobs: list[float] = []
-            entropies: list[float] = []
-            text, finish, first_token_at = "", "length", 0.0
-            longest_stop = max((len(s) for s in config.stop), default=0)
-            for _ in range(config.max_new_tokens):
-                out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-                cache = out.cache
-                logits = out.logits[0, -1].float()
-                # Uncertainty is measured on the model's own distribution, whatever the
-                # sampling settings, so scores are comparable across requests.
-                logp = torch.log_softmax(logits, dim=-1)
-                token = sample_token(logits, config.temperature, config.top_p, generator)
-                if not tokens:
-                    first_token_at = time.perf_counter() - started
-                logprobs.append(float(logp[token]))
-                entropies.append(float(-(logp.exp() * logp).sum()))
-                if token == self.eos_token_id:
-                    finish = "stop"
-                    break
-                tokens.append(token)
-                previous = len(text)
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                cut = self._find_stop(text, config.stop, max(0, previous - longest_stop))
-                if cut is not None:
-                    text, finish = text[:cut], "stop"
-                    break
-                ids = torch.tensor([[token]], device=self.device)
-        return Generation(
-            text=text,
-            finish_reason=finish,
-            prompt_tokens=len(prompt_ids),
-            completion_tokens=len(logprobs),
-            token_logprobs=logprobs,
-            token_entropies=entropies,
-            time_to_first_token=first_token_at,
-            total_seconds=time.perf_counter() - started,
-        )
-
-    @staticmethod
-    def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
-        hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
-        return min(hits) if hits else None
+        return self.generate_many([DecodeSequence(prompt_ids, adapter, config)])[0]
 
     @torch.inference_mode()
     def score(

@@ -28,6 +28,13 @@ class InferenceSettings(ServiceSettings):
     default_temperature: float | None = None
     default_top_p: float | None = None
 
+    # Continuous batching (services/inference/scheduler.py).
+    max_batch_size: int = 32
+    batch_wait_ms: float = 2.0
+    max_prefill_tokens: int = 4096
+    max_queued_requests: int = 256
+    max_queued_per_tenant: int = 64
+
     @field_validator("model_dir", "adapter_store_dir")
     @classmethod
     def _relative_to_repo(cls, path: Path) -> Path:

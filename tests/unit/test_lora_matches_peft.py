@@ -8,7 +8,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from services.common.errors import InvalidArgument
-from services.inference.engine import Engine, SamplingConfig
+from services.inference.decoding import SamplingConfig
+from services.inference.engine import Engine
 from services.inference.lora import parse_adapter
 from services.inference.settings import InferenceSettings
 from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, adapter_files

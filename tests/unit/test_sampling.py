@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from services.inference.engine import sample_token
+from services.inference.decoding import sample_token
 
 
 def test_temperature_zero_is_argmax():

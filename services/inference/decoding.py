@@ -1,0 +1,291 @@
+"""Iteration-level batched decoding: sequences join and leave a running batch between tokens.
+
+A `DecodeBatch` holds the rows being generated: one shared KV cache, left-padded so every
+row's newest token sits in the last column, an attention mask hiding the padding, and each
+row's own position. New sequences are prefilled together and merged in; finished ones are
+dropped and the padding no row needs any more is cut off. Each row may use a different
+adapter (services.inference.lora_batch). All of this runs on the model thread.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from services.inference.lora import LoraWeights
+
+if TYPE_CHECKING:
+    from services.inference.engine import Engine
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    token_logprobs: list[float] = field(default_factory=list)
+    token_entropies: list[float] = field(default_factory=list)
+    time_to_first_token: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def mean_token_entropy(self) -> float:
+        return (
+            sum(self.token_entropies) / len(self.token_entropies) if self.token_entropies else 0.0
+        )
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.token_logprobs) / len(self.token_logprobs) if self.token_logprobs else 0.0
+
+    @property
+    def min_token_prob(self) -> float:
+        return math.exp(min(self.token_logprobs)) if self.token_logprobs else 0.0
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator
+) -> int:
+    """Greedy at temperature 0; else temperature + nucleus (top-p) sampling."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < top_p
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class DecodeSequence:
+    """One request's decoding state: its tokens, text so far, and why it stopped."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        adapter: LoraWeights | None,
+        config: SamplingConfig,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.adapter = adapter
+        self.config = config
+        self.generator = torch.Generator()
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.entropies: list[float] = []
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.started_at = 0.0
+        self.first_token_at = 0.0
+        self.finished_at = 0.0
+        self._longest_stop = max((len(s) for s in config.stop), default=0)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def accept(
+        self, token: int, logprob: float, entropy: float, eos_token_id: int, tokenizer
+    ) -> None:
+        """Take the next sampled token; sets finish_reason when the sequence is done."""
+        if not self.logprobs:
+            self.first_token_at = time.perf_counter()
+        self.logprobs.append(logprob)
+        self.entropies.append(entropy)
+        if token == eos_token_id:
+            self._finish("stop")
+            return
+        self.tokens.append(token)
+        previous = len(self.text)
+        self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        start = max(0, previous - self._longest_stop)
+        hits = [i for i in (self.text.find(s, start) for s in self.config.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self._finish("stop")
+        elif len(self.logprobs) >= self.config.max_new_tokens:
+            self._finish("length")
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.finished_at = time.perf_counter()
+
+    def stable_text_length(self) -> int:
+        """How much of the text is final: a stop string may still cut the tail, and a
+        trailing replacement character is an incomplete multi-byte character."""
+        if self.finished:
+            return len(self.text)
+        end = len(self.text) - max(0, self._longest_stop - 1)
+        while end > 0 and self.text[end - 1] == "\ufffd":
+            end -= 1
+        return max(end, 0)
+
+    def result(self) -> Generation:
+        return Generation(
+            text=self.text,
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.logprobs),
+            token_logprobs=self.logprobs,
+            token_entropies=self.entropies,
+            time_to_first_token=self.first_token_at - self.started_at,
+            total_seconds=self.finished_at - self.started_at,
+        )
+
+
+class DecodeBatch:
+    """The running rows of continuous batching and their shared, left-padded KV cache."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rows: list[DecodeSequence] = []
+        self._cache = None  # transformers Cache, batch dim = rows
+        self._mask: torch.Tensor | None = None  # (rows, columns): 1 = real token
+        self._next: torch.Tensor | None = None  # (rows, 1): each row's next input token
+        self._lora = None  # LoraBatch for the current rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @torch.inference_mode()
+    def add(self, sequences: Sequence[DecodeSequence]) -> None:
+        """Prefill new sequences (together, left-padded) and merge them into the batch.
+        Each gets its first token."""
+        engine = self.engine
+        device = engine.device
+        width = max(len(s.prompt_ids) for s in sequences)
+        ids = torch.full((len(sequences), width), engine.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            ids[i, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
+            mask[i, width - len(seq.prompt_ids) :] = 1
+            seq.started_at = seq.started_at or time.perf_counter()
+        ids, mask = ids.to(device), mask.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with engine.adapters([s.adapter for s in sequences]):
+            out = engine.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        tokens = self._sample(sequences, out.logits[:, -1])
+        self._merge(list(sequences), out.cache, mask, tokens)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Decode one token for every running row."""
+        if not self.rows:
+            return
+        engine = self.engine
+        mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        engine._active = self._lora
+        try:
+            out = engine.model(
+                input_ids=self._next,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=self._cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            engine._active = None
+        self._cache, self._mask = out.cache, mask
+        self._next = self._sample(self.rows, out.logits[:, -1]).unsqueeze(1)
+
+    def remove_finished(self, also: set[DecodeSequence] | None = None) -> list[DecodeSequence]:
+        """Drop finished rows, and the rows in `also` (e.g. cancelled ones)."""
+        also = also or set()
+        keep = [i for i, s in enumerate(self.rows) if not s.finished and s not in also]
+        if len(keep) == len(self.rows):
+            return []
+        kept = set(keep)
+        gone = [s for i, s in enumerate(self.rows) if i not in kept]
+        if not keep:
+            self.rows, self._cache, self._mask, self._next, self._lora = [], None, None, None, None
+            return gone
+        index = torch.tensor(keep, device=self.engine.device)
+        self._cache.batch_select_indices(index)
+        self._mask, self._next = self._mask[index], self._next[index]
+        self.rows = [self.rows[i] for i in keep]
+        # Columns that are padding in every remaining row are dead weight: cut them.
+        dead = int((self._mask.cumsum(-1) == 0).all(0).sum())
+        if dead:
+            self._mask = self._mask[:, dead:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
+        self._lora = self.engine.lora_batch([s.adapter for s in self.rows])
+        return gone
+
+    def _merge(self, new: list[DecodeSequence], cache, mask: torch.Tensor, tokens) -> None:
+        if not self.rows:
+            self.rows, self._cache, self._mask = new, cache, mask
+            self._next = tokens.unsqueeze(1)
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
+                mine.values = torch.cat(
+                    [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
+                )
+            self._next = torch.cat([self._next, tokens.unsqueeze(1)])
+            self.rows = self.rows + new
+        self._lora = self.engine.lora_batch([s.adapter for s in self.rows])
+
+    def _sample(self, rows: Sequence[DecodeSequence], logits: torch.Tensor) -> torch.Tensor:
+        """Pick each row's next token and record its statistics. Uncertainty is measured on
+        the model's own distribution, whatever the sampling settings, so scores compare."""
+        logits = logits.float()
+        logp = torch.log_softmax(logits, dim=-1)
+        entropies = (-(logp.exp() * logp).sum(-1)).tolist()
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        tokens = [
+            greedy[i]
+            if seq.finished or seq.config.temperature == 0
+            else sample_token(logits[i], seq.config.temperature, seq.config.top_p, seq.generator)
+            for i, seq in enumerate(rows)
+        ]
+        chosen = logp[torch.arange(len(rows)), torch.tensor(tokens, device=logp.device)].tolist()
+        engine = self.engine
+        for seq, token, lp, ent in zip(rows, tokens, chosen, entropies, strict=True):
+            if not seq.finished:
+                seq.accept(token, lp, ent, engine.eos_token_id, engine.tokenizer)
+        return torch.tensor(tokens, device=engine.device)
+
+
+def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad dimension 1 of a mask (rows, cols) or dimension 2 of a cache tensor
+    (rows, heads, cols, dim) on the left to `width` columns."""
+    dim = 1 if t.dim() == 2 else 2
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

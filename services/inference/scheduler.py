@@ -1,0 +1,306 @@
+"""Continuous batching across tenants, fair by S-LoRA's virtual token counter.
+
+Requests wait in one queue per tenant. Between two decode steps the model thread admits
+waiting requests into the running batch (up to max_batch_size rows and max_prefill_tokens
+of prompt per step) and drops the finished ones, so a short request never waits for a long
+one to end. The next request admitted comes from the tenant with the least service so far
+(a counter charged per prompt token and, at twice the weight, per generated token); a
+tenant that was idle joins at the smallest counter of the busy ones, so it gets neither a
+backlog of credit nor a penalty. A full queue is refused at once (RESOURCE_EXHAUSTED), and
+per tenant too, so one tenant's flood cannot take every slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TypeVar
+
+from services.common.errors import LoraplexError, ResourceExhausted, Unavailable
+from services.inference.decoding import DecodeBatch, DecodeSequence, Generation
+from services.inference.engine import Engine
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+PROMPT_TOKEN_COST = 1.0
+OUTPUT_TOKEN_COST = 2.0  # S-LoRA's weights: a decode step costs more than a prefill token
+
+
+@dataclass(frozen=True)
+class BatchingLimits:
+    max_batch_size: int = 32
+    # How long an idle model waits for more requests to start a batch with.
+    max_wait_seconds: float = 0.002
+    # Prompt tokens prefilled per step at most, so running rows keep a steady pace.
+    max_prefill_tokens: int = 4096
+    max_queued: int = 256
+    max_queued_per_tenant: int = 64
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """New text of a generation; `generation` is set on the last chunk."""
+
+    text: str
+    generation: Generation | None = None
+    queue_seconds: float = 0.0
+
+
+class ScheduledRequest:
+    """A request's place in the scheduler; iterate it (async) for its chunks."""
+
+    def __init__(self, tenant: str, sequence: DecodeSequence, scheduler: Scheduler) -> None:
+        self.tenant = tenant
+        self.sequence = sequence
+        self._scheduler = scheduler
+        self._loop = asyncio.get_running_loop()
+        self._chunks: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
+        self.submitted_at = time.perf_counter()
+        self.admitted_at = 0.0
+        self.cancelled = False
+        self.done = False
+        self._sent = 0  # characters of text already handed out
+
+    def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StreamChunk]:
+        while True:
+            item = await self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.generation is not None:
+                return
+
+    def cancel(self) -> None:
+        """The caller went away: stop at the next token boundary (no-op once done)."""
+        if not self.done:
+            self._scheduler._cancel(self)
+
+    # -- called on the model thread -------------------------------------------------------
+
+    def _publish(self) -> None:
+        seq = self.sequence
+        end = seq.stable_text_length()
+        if end <= self._sent and not seq.finished:
+            return
+        text, self._sent = seq.text[self._sent : end], max(end, self._sent)
+        chunk = StreamChunk(text)
+        if seq.finished:
+            self.done = True
+            chunk = StreamChunk(text, seq.result(), self.admitted_at - self.submitted_at)
+        self._put(chunk)
+
+    def _fail(self, err: BaseException) -> None:
+        self.done = True
+        self._put(err)
+
+    def _put(self, item: StreamChunk | BaseException) -> None:
+        # A closed event loop means nobody is listening any more.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._chunks.put_nowait, item)
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, limits: BatchingLimits) -> None:
+        self.engine = engine
+        self.limits = limits
+        self._cond = threading.Condition()
+        self._waiting: dict[str, deque[ScheduledRequest]] = defaultdict(deque)
+        self._queued = 0
+        self._running_per_tenant: dict[str, int] = defaultdict(int)
+        self._counters: dict[str, float] = defaultdict(float)
+        self._calls: deque[tuple[Callable[[], object], Future]] = deque()
+        self._cancelled: set[DecodeSequence] = set()
+        self._batch = DecodeBatch(engine)
+        self._running: list[ScheduledRequest] = []
+        self._stopping = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+
+    # -- event-loop side -------------------------------------------------------------------
+
+    def submit(self, tenant: str, sequence: DecodeSequence) -> ScheduledRequest:
+        request = ScheduledRequest(tenant, sequence, self)
+        limits = self.limits
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the inference server is shutting down", reason="SHUTTING_DOWN")
+            if self._queued >= limits.max_queued:
+                raise ResourceExhausted(
+                    f"the inference queue is full ({limits.max_queued} requests); retry later",
+                    reason="QUEUE_FULL",
+                )
+            if len(self._waiting[tenant]) >= limits.max_queued_per_tenant:
+                raise ResourceExhausted(
+                    f"this tenant already has {limits.max_queued_per_tenant} requests queued; "
+                    "retry later",
+                    reason="TENANT_QUEUE_FULL",
+                )
+            if not self._waiting[tenant] and not self._running_per_tenant[tenant]:
+                busy = [self._counters[t] for t in self._active_tenants() if t != tenant]
+                if busy:  # join at the level of the busy tenants: no saved-up credit
+                    self._counters[tenant] = max(self._counters[tenant], min(busy))
+            self._waiting[tenant].append(request)
+            self._queued += 1
+            self._cond.notify_all()
+        return request
+
+    def call(self, work: Callable[[], T]) -> Future[T]:
+        """Run work on the model thread between two decode steps (e.g. scoring)."""
+        future: Future[T] = Future()
+        with self._cond:
+            if self._stopping:
+                raise Unavailable("the inference server is shutting down", reason="SHUTTING_DOWN")
+            self._calls.append((work, future))
+            self._cond.notify_all()
+        return future
+
+    def _cancel(self, request: ScheduledRequest) -> None:
+        with self._cond:
+            queue = self._waiting.get(request.tenant)
+            if queue is not None and request in queue:
+                queue.remove(request)
+                self._queued -= 1
+                request.done = True
+            else:
+                self._cancelled.add(request.sequence)
+            request.cancelled = True
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {"queued": self._queued, "running": len(self._running), "steps": self.steps}
+
+    def _active_tenants(self) -> set[str]:
+        queued = {t for t, q in self._waiting.items() if q}
+        return queued | {t for t, n in self._running_per_tenant.items() if n}
+
+    # -- model thread ----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._stopping or self._queued or self._calls or self._running):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                calls = list(self._calls)
+                self._calls.clear()
+                if not self._running and self._queued < self.limits.max_batch_size:
+                    # Idle: give concurrent arrivals a moment to share the first batch.
+                    self._cond.wait_for(
+                        lambda: self._queued >= self.limits.max_batch_size or self._stopping,
+                        timeout=self.limits.max_wait_seconds,
+                    )
+                admitted = self._admit()
+            for work, future in calls:
+                self._run_call(work, future)
+            try:
+                if admitted:
+                    self._batch.add([r.sequence for r in admitted])
+                    self._running.extend(admitted)
+                    self._emit()
+                if self._running:
+                    self._batch.step()
+                    self.steps += 1
+                    with self._cond:
+                        for request in self._running:
+                            self._counters[request.tenant] += OUTPUT_TOKEN_COST
+                    self._emit()
+            except Exception as err:  # a failed step fails its rows, never the server
+                log.exception("decode step failed")
+                self._fail_running(err)
+        self._shutdown()
+
+    def _admit(self) -> list[ScheduledRequest]:
+        """Pick waiting requests for the free rows, least-served tenant first (lock held)."""
+        free = self.limits.max_batch_size - len(self._running)
+        budget = self.limits.max_prefill_tokens
+        admitted: list[ScheduledRequest] = []
+        now = time.perf_counter()
+        while free > 0 and self._queued:
+            tenant = min((t for t, q in self._waiting.items() if q), key=self._counters.get)
+            request = self._waiting[tenant][0]
+            cost = len(request.sequence.prompt_ids)
+            if admitted and cost > budget:
+                break
+            self._waiting[tenant].popleft()
+            self._queued -= 1
+            self._running_per_tenant[tenant] += 1
+            self._counters[tenant] += cost * PROMPT_TOKEN_COST
+            request.admitted_at = now
+            admitted.append(request)
+            free -= 1
+            budget -= cost
+        return admitted
+
+    def _emit(self) -> None:
+        """Hand out new text, then drop finished and cancelled rows."""
+        with self._cond:
+            cancelled, self._cancelled = self._cancelled, set()
+        for request in self._running:
+            if request.sequence not in cancelled:
+                request._publish()
+        gone = set(self._batch.remove_finished(cancelled))
+        if gone:
+            self._release([r for r in self._running if r.sequence in gone])
+
+    def _release(self, requests: list[ScheduledRequest]) -> None:
+        with self._cond:
+            for request in requests:
+                self._running_per_tenant[request.tenant] -= 1
+                request.done = True
+            ids = {id(r) for r in requests}
+            self._running = [r for r in self._running if id(r) not in ids]
+
+    def _fail_running(self, err: Exception) -> None:
+        failure = (
+            err
+            if isinstance(err, LoraplexError)
+            else Unavailable("generation failed on the model; retry", reason="MODEL_ERROR")
+        )
+        running = list(self._running)
+        for request in running:
+            request._fail(failure)
+        self._batch = DecodeBatch(self.engine)
+        self._release(running)
+
+    @staticmethod
+    def _run_call(work: Callable[[], object], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(work())
+        except BaseException as err:
+            future.set_exception(err)
+
+    def _shutdown(self) -> None:
+        gone = Unavailable("the inference server is shutting down", reason="SHUTTING_DOWN")
+        with self._cond:
+            waiting = [r for q in self._waiting.values() for r in q]
+            self._waiting.clear()
+            self._queued = 0
+            calls = list(self._calls)
+            self._calls.clear()
+        for request in waiting + self._running:
+            request._fail(gone)
+        for _, future in calls:
+            future.cancel()
