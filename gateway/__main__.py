@@ -28,7 +28,7 @@ async def serve(settings: GatewaySettings) -> None:
     channel = open_channel(settings.inference_addr)
     resources.push_async_callback(channel.close)
     optional = {}
-    for name in ("analytics", "experiments"):
+    for name in ("analytics", "experiments", "activelearning"):
         addr = getattr(settings, f"{name}_addr")
         if addr:
             optional[f"{name}_channel"] = open_channel(addr)

@@ -10,9 +10,12 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 
 from gateway import (
+    active_learning_routes,
     admin_routes,
     analytics_routes,
+    composition_routes,
     experiments_routes,
+    feedback_routes,
     openai_routes,
     ops_routes,
 )
@@ -42,19 +45,31 @@ def create_app(
     inference_channel: grpc.aio.Channel,
     analytics_channel: grpc.aio.Channel | None = None,
     experiments_channel: grpc.aio.Channel | None = None,
+    activelearning_channel: grpc.aio.Channel | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """The caller owns `redis` and `inference_channel`; `on_shutdown` (e.g. closing them)
     runs when the server stops the app. It has to run there, inside the lifespan: uvicorn
     re-raises a caught SIGTERM once it has stopped, so code after its serve() never runs."""
 
-    gateway = Gateway(settings, redis, inference_channel, analytics_channel, experiments_channel)
+    gateway = Gateway(
+        settings,
+        redis,
+        inference_channel,
+        analytics_channel,
+        experiments_channel,
+        activelearning_channel,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         if gateway.exporter is not None:
             gateway.exporter.start()
+        if gateway.candidates is not None:
+            gateway.candidates.start()
         yield
+        if gateway.candidates is not None:  # flush candidates before channels close
+            await gateway.candidates.close()
         if gateway.exporter is not None:  # flush usage events before channels close
             await gateway.exporter.close()
         if on_shutdown is not None:
@@ -71,6 +86,9 @@ def create_app(
     app.include_router(admin_routes.router)
     app.include_router(analytics_routes.router)
     app.include_router(experiments_routes.router)
+    app.include_router(composition_routes.router)
+    app.include_router(active_learning_routes.router)
+    app.include_router(feedback_routes.router)
     app.include_router(ops_routes.router)
     # Added last = outermost: metrics also count the 413s and 500s the others produce.
     app.add_middleware(

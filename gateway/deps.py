@@ -16,10 +16,12 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from grpc_health.v1 import health_pb2_grpc
 
+from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
 from gateway.analytics_exporter import AnalyticsExporter
 from gateway.keys import TenantKeyStore
 from gateway.settings import GatewaySettings
+from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
@@ -35,8 +37,18 @@ class Gateway:
         inference_channel: grpc.aio.Channel,
         analytics_channel: grpc.aio.Channel | None = None,
         experiments_channel: grpc.aio.Channel | None = None,
+        activelearning_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.settings = settings
+        # Active learning: every completion becomes a candidate (off the request path).
+        self.activelearning = (
+            alpb_grpc.ActiveLearningServiceStub(activelearning_channel)
+            if activelearning_channel
+            else None
+        )
+        self.candidates = (
+            CandidateExporter(activelearning_channel) if activelearning_channel else None
+        )
         self.analytics = (
             apb_grpc.AnalyticsServiceStub(analytics_channel) if analytics_channel else None
         )
@@ -79,6 +91,14 @@ class Gateway:
                 reason="EXPERIMENTS_DISABLED",
             )
         return self.experiments
+
+    def require_activelearning(self) -> alpb_grpc.ActiveLearningServiceStub:
+        if self.activelearning is None:
+            raise Unavailable(
+                "active learning is not configured on this gateway (ACTIVELEARNING_ADDR)",
+                reason="ACTIVELEARNING_DISABLED",
+            )
+        return self.activelearning
 
     def is_admin_key(self, presented: str) -> bool:
         # Comparing fixed-length digests in constant time leaks neither content nor length.

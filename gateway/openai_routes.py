@@ -6,14 +6,16 @@ uncertainty statistics, experiment variant), which OpenAI clients ignore.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
 
 from gateway.analytics_exporter import completion_event
 from gateway.deps import Gateway, GatewayDep, TenantDep
@@ -45,11 +47,21 @@ class Route:
     experiment: str = ""
     variant: str = ""
     in_experiment: bool = False
+    unit: str = ""  # the experiment's unit (`user`), for feedback outcomes
+    composition: pb.Composition | None = None
 
 
 async def _route(gateway: Gateway, tenant: str, body: GenerationRequest, base_id: str) -> Route:
     """`model` names an adapter, the base model, or `experiment:<key>`: then `user` is the
     unit the experiments service assigns (deterministic and sticky) to a variant."""
+    if body.composition is not None:
+        if body.model != base_id:
+            raise InvalidArgument(
+                f"with a composition, `model` must be the base model {base_id!r}; the "
+                "composition names the adapters",
+                reason="COMPOSITION_NEEDS_BASE_MODEL",
+            )
+        return Route(common_pb2.AdapterRef(), composition=body.composition.to_proto(base_id))
     if not body.model.startswith(EXPERIMENT_PREFIX):
         return Route(parse_model(body.model, base_id))
     key = body.model.removeprefix(EXPERIMENT_PREFIX)
@@ -68,22 +80,56 @@ async def _route(gateway: Gateway, tenant: str, body: GenerationRequest, base_id
             xpb.GetExperimentRequest(tenant=tenant, key=key), timeout=gateway.timeout
         )
         variant = found.experiment.variants[0]
-    adapters = variant.adapters
-    if len(adapters) > 1:
-        raise InvalidArgument(
-            f"variant {variant.name!r} composes {len(adapters)} adapters; "
-            "composition is not supported yet",
-            reason="COMPOSITION_UNSUPPORTED",
-        )
-    adapter = (
-        common_pb2.AdapterRef(name=adapters[0].name, version=adapters[0].version)
-        if adapters
-        else common_pb2.AdapterRef()
-    )
-    return Route(adapter, key, variant.name, assignment.in_experiment)
+    refs = [common_pb2.AdapterRef(name=a.name, version=a.version) for a in variant.adapters]
+    adapter, composition = common_pb2.AdapterRef(), None
+    if len(refs) == 1:
+        adapter = refs[0]
+    elif refs:  # a variant that mixes adapters is served as an exact (cat) composition
+        parts = [
+            pb.Composition.Part(adapter=ref, weight=a.weight or 1.0)
+            for ref, a in zip(refs, variant.adapters, strict=True)
+        ]
+        composition = pb.Composition(parts=parts, method="cat")
+    in_experiment = assignment.in_experiment
+    return Route(adapter, key, variant.name, in_experiment, body.user, composition)
 
 
-async def _generate(
+@dataclass
+class _Call:
+    """One generation request on its way to the inference service, and its bookkeeping."""
+
+    gateway: Gateway
+    tenant: str
+    request: pb.GenerateRequest
+    route: Route
+    base_id: str
+    started: float
+
+    def record(self, served: common_pb2.AdapterRef, **outcome: Any) -> None:
+        """Account for the request's outcome: Prometheus series and the analytics event."""
+        gateway, tenant = self.gateway, self.tenant
+        served = served if served.name else common_pb2.AdapterRef(name=self.base_id)
+        seconds = time.perf_counter() - self.started
+        code = outcome.get("code", grpc.StatusCode.OK).name
+        gateway.adapter_series.observe(tenant, served.name, code, seconds)
+        if gateway.candidates is not None and "reply" in outcome:  # active-learning candidate
+            gateway.candidates.completion(
+                tenant, self.request, outcome["reply"], self.route, self.base_id
+            )
+        if gateway.exporter is None:
+            return
+        event = completion_event(tenant, served, seconds, **outcome)
+        if self.route.in_experiment:  # units outside the experiment are not in its results
+            event.experiment, event.variant = self.route.experiment, self.route.variant
+        gateway.exporter.record(event)
+
+    def record_error(self, err: grpc.aio.AioRpcError) -> None:
+        # Unknown adapter names are not recorded: any string would become a series.
+        if err.code() != grpc.StatusCode.NOT_FOUND:
+            self.record(self.route.adapter, code=err.code())
+
+
+async def _start(
     gateway: Gateway,
     tenant: str,
     body: GenerationRequest,
@@ -92,52 +138,85 @@ async def _generate(
     *,
     prompt: str = "",
     messages: Sequence[pb.ChatMessage] = (),
-) -> tuple[pb.GenerateResponse, Route]:
+) -> _Call:
     info = await gateway.model_info()
     route = await _route(gateway, tenant, body, info.model_id)
     request = pb.GenerateRequest(
         tenant=tenant,
         adapter=route.adapter,
+        composition=route.composition,
         prompt=prompt,
         messages=messages,
         params=body.sampling_params(max_tokens),
         request_id=request_id,
     )
-    started = time.perf_counter()
+    return _Call(gateway, tenant, request, route, info.model_id, time.perf_counter())
 
-    def record(served: common_pb2.AdapterRef, **outcome: Any) -> None:
-        served = served if served.name else common_pb2.AdapterRef(name=info.model_id)
-        seconds = time.perf_counter() - started
-        code = outcome.get("code", grpc.StatusCode.OK).name
-        gateway.adapter_series.observe(tenant, served.name, code, seconds)
-        if gateway.exporter is None:
-            return
-        event = completion_event(tenant, served, seconds, **outcome)
-        if route.in_experiment:  # units outside the experiment are not part of its results
-            event.experiment, event.variant = route.experiment, route.variant
-        gateway.exporter.record(event)
 
+async def _generate(call: _Call) -> pb.GenerateResponse:
     try:
-        reply = await gateway.inference.Generate(request, timeout=gateway.timeout)
+        reply = await call.gateway.inference.Generate(call.request, timeout=call.gateway.timeout)
     except grpc.aio.AioRpcError as err:
-        # Unknown adapter names are not recorded: any string would become a series.
-        if err.code() != grpc.StatusCode.NOT_FOUND:
-            record(route.adapter, code=err.code())
+        call.record_error(err)
         raise
-    record(reply.adapter, reply=reply)
-    return reply, route
+    call.record(reply.adapter, reply=reply)
+    return reply
+
+
+async def _stream(
+    call: _Call,
+    delta: Callable[[str], dict[str, Any]],
+    finish: Callable[[pb.GenerateResponse], list[dict[str, Any]]],
+) -> StreamingResponse:
+    """Server-sent events as OpenAI streams them. The first message is awaited here, so a
+    request refused by the inference service still gets its HTTP status (400, 404, 429)."""
+    stream = call.gateway.inference.GenerateStream(call.request, timeout=call.gateway.timeout)
+    messages = stream.__aiter__()
+    try:
+        first = await anext(messages)
+    except grpc.aio.AioRpcError as err:
+        call.record_error(err)
+        raise
+
+    async def events() -> AsyncIterator[str]:
+        message = first
+        try:
+            while not message.HasField("final"):
+                if message.text:
+                    yield _sse(delta(message.text))
+                message = await anext(messages)
+            if message.text:
+                yield _sse(delta(message.text))
+            call.record(message.final.adapter, reply=message.final)
+            for chunk in finish(message.final):
+                yield _sse(chunk)
+            yield "data: [DONE]\n\n"
+        except grpc.aio.AioRpcError as err:  # mid-stream: the status line is already sent
+            call.record_error(err)
+            yield _sse({"error": {"code": err.code().name, "message": err.details() or ""}})
+        finally:
+            stream.cancel()  # a no-op when finished; frees the model's row if the client left
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _sse(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
 def _finish_reason(reply: pb.GenerateResponse) -> str:
     return "length" if reply.finish_reason == pb.FINISH_REASON_LENGTH else "stop"
 
 
-def _envelope(
-    request_id: str, kind: str, body: GenerationRequest, reply: pb.GenerateResponse, route: Route
-) -> dict[str, Any]:
-    """The fields a completion and a chat completion share, around their `choices`."""
+def _header(request_id: str, kind: str, body: GenerationRequest) -> dict[str, Any]:
+    return {"id": request_id, "object": kind, "created": int(time.time()), "model": body.model}
+
+
+def _extras(reply: pb.GenerateResponse, route: Route) -> dict[str, Any]:
+    """What loraplex adds to a response: adapter that served, uncertainty, timing, variant."""
     extras: dict[str, Any] = {
         "adapter": {"name": reply.adapter.name, "version": reply.adapter.version},
+        "composed_of": [{"name": a.name, "version": a.version} for a in reply.composed_of],
         "uncertainty": proto_to_json(reply.uncertainty),
         "timing": proto_to_json(reply.timing),
     }
@@ -147,38 +226,58 @@ def _envelope(
             "variant": route.variant,
             "in_experiment": route.in_experiment,
         }
-    return {
-        "id": request_id,
-        "object": kind,
-        "created": int(time.time()),
-        "model": body.model,
+    return extras
+
+
+def _envelope(
+    request_id: str, kind: str, body: GenerationRequest, reply: pb.GenerateResponse, route: Route
+) -> dict[str, Any]:
+    """The fields a completion and a chat completion share, around their `choices`."""
+    return _header(request_id, kind, body) | {
         "usage": proto_to_json(reply.usage),
-        "loraplex": extras,
+        "loraplex": _extras(reply, route),
     }
 
 
-@router.post("/completions")
+def _final_chunks(
+    head: dict[str, Any], choice: dict[str, Any], reply: pb.GenerateResponse, call: _Call, body
+) -> list[dict[str, Any]]:
+    """The last chunk of a stream (finish reason, loraplex extras) and, when the client
+    asked with stream_options.include_usage, OpenAI's usage chunk with no choices."""
+    chunks = [head | {"choices": [choice], "loraplex": _extras(reply, call.route)}]
+    if body.include_usage:
+        chunks.append(head | {"choices": [], "usage": proto_to_json(reply.usage)})
+    return chunks
+
+
+@router.post("/completions", response_model=None)
 async def create_completion(
     body: CompletionRequest, tenant: TenantDep, gateway: GatewayDep
-) -> dict[str, Any]:
+) -> dict[str, Any] | StreamingResponse:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_tokens if body.max_tokens is not None else body.DEFAULT_MAX_TOKENS
-    reply, route = await _generate(
-        gateway, tenant, body, max_tokens, request_id, prompt=body.prompt
-    )
-    choice = {
-        "text": reply.text,
-        "index": 0,
-        "finish_reason": _finish_reason(reply),
-        "logprobs": None,
+    call = await _start(gateway, tenant, body, max_tokens, request_id, prompt=body.prompt)
+    head = _header(request_id, "text_completion", body)
+
+    def choice(text: str, finish_reason: str | None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": None}
+
+    if body.stream:
+        return await _stream(
+            call,
+            lambda text: head | {"choices": [choice(text, None)]},
+            lambda reply: _final_chunks(head, choice("", _finish_reason(reply)), reply, call, body),
+        )
+    reply = await _generate(call)
+    return _envelope(request_id, "text_completion", body, reply, call.route) | {
+        "choices": [choice(reply.text, _finish_reason(reply))]
     }
-    return _envelope(request_id, "text_completion", body, reply, route) | {"choices": [choice]}
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None)
 async def create_chat_completion(
     body: ChatCompletionRequest, tenant: TenantDep, gateway: GatewayDep
-) -> dict[str, Any]:
+) -> dict[str, Any] | StreamingResponse:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens
     if max_tokens is None:
@@ -186,14 +285,30 @@ async def create_chat_completion(
     if max_tokens is None:  # OpenAI's chat default: 0 asks for as many tokens as fit
         max_tokens = 0
     messages = [m.to_proto() for m in body.messages]
-    reply, route = await _generate(gateway, tenant, body, max_tokens, request_id, messages=messages)
+    call = await _start(gateway, tenant, body, max_tokens, request_id, messages=messages)
+    if body.stream:
+        head = _header(request_id, "chat.completion.chunk", body)
+        opened = False
+
+        def delta(text: str) -> dict[str, Any]:
+            nonlocal opened  # the first delta names the role, as OpenAI's do
+            content = {"content": text} | ({} if opened else {"role": "assistant"})
+            opened = True
+            return head | {"choices": [{"index": 0, "delta": content, "finish_reason": None}]}
+
+        def finish(reply: pb.GenerateResponse) -> list[dict[str, Any]]:
+            last = {"index": 0, "delta": {}, "finish_reason": _finish_reason(reply)}
+            return _final_chunks(head, last, reply, call, body)
+
+        return await _stream(call, delta, finish)
+    reply = await _generate(call)
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": reply.text},
         "finish_reason": _finish_reason(reply),
         "logprobs": None,
     }
-    return _envelope(request_id, "chat.completion", body, reply, route) | {"choices": [choice]}
+    return _envelope(request_id, "chat.completion", body, reply, call.route) | {"choices": [choice]}
 
 
 async def _adapters(gateway: Gateway, tenant: str) -> AsyncIterator[common_pb2.AdapterInfo]:

@@ -41,6 +41,44 @@ def parse_model(model: str, base_model_id: str) -> common_pb2.AdapterRef:
     return common_pb2.AdapterRef(name=match["name"], version=version)
 
 
+class CompositionPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # An adapter name, or "name@version" to pin a version.
+    adapter: str = Field(min_length=1)
+    weight: Float = 1.0
+
+
+class CompositionIn(BaseModel):
+    """Several adapters mixed for one request (PEFT add_weighted_adapter's methods)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[CompositionPart] = Field(min_length=1)
+    method: Literal["cat", "svd", "linear", "ties", "dare_linear", "dare_ties"] = "cat"
+    density: Float | None = None
+    svd_rank: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    majority_sign_method: Literal["total", "frequency"] = "total"
+    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+
+    def to_proto(self, base_model_id: str) -> pb.Composition:
+        return pb.Composition(
+            parts=[
+                pb.Composition.Part(adapter=parse_model(p.adapter, base_model_id), weight=p.weight)
+                for p in self.adapters
+            ],
+            method=self.method,
+            density=self.density,
+            svd_rank=self.svd_rank,
+            majority_sign_method=self.majority_sign_method,
+            seed=self.seed,
+        )
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class GenerationRequest(BaseModel):
     # Unknown fields are allowed (clients send new options all the time); the ones that
     # would change the output and that we cannot honour are named in `unsupported`.
@@ -54,7 +92,12 @@ class GenerationRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int | None = 1
     stream: bool | None = False
+    # OpenAI's {"include_usage": true} adds a last chunk with the token usage.
+    stream_options: StreamOptions | None = None
     user: str | None = None
+    # loraplex: mix several adapters for this request; `model` is then the base model's id
+    # (the openai client sends it with extra_body={"composition": {...}}).
+    composition: CompositionIn | None = None
 
     @field_validator("n")
     @classmethod
@@ -63,13 +106,6 @@ class GenerationRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
-    @field_validator("stream")
-    @classmethod
-    def _no_streaming(cls, stream: bool | None) -> bool | None:
-        if stream:
-            raise ValueError("streaming is not supported yet")
-        return stream
-
     @model_validator(mode="after")
     def _reject_unsupported(self) -> GenerationRequest:
         extra = self.model_extra or {}
@@ -77,6 +113,10 @@ class GenerationRequest(BaseModel):
         if used:
             raise ValueError(f"not supported: {', '.join(used)}")
         return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_params(self, max_tokens: int) -> pb.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []

@@ -21,6 +21,9 @@ class GatewaySettings(ServiceSettings):
     # host:port of the experiments service (env EXPERIMENTS_ADDR). Unset: /ab-testing and
     # `model: "experiment:<key>"` answer 503.
     experiments_addr: str | None = None
+    # host:port of the active-learning service (env ACTIVELEARNING_ADDR). Unset: completions
+    # are not submitted as candidates and /active-learning, /feedback answer 503.
+    activelearning_addr: str | None = None
     # The key that unlocks /admin (env LORAPLEX_ADMIN_KEY only: the project-wide name, and
     # no ADMIN_KEY alias to collide with). Unset: the admin API refuses every request.
     admin_key: SecretStr | None = Field(default=None, validation_alias="loraplex_admin_key")

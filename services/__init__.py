@@ -15,8 +15,13 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     "ABTestingFramework": "services.experiments.library",
     "get_ab_framework": "services.experiments.library",
+    "ActiveLearningSelector": "services.activelearning.library",
+    "UncertaintyMethod": "services.activelearning.library",
+    "select_for_feedback": "services.activelearning.library",
     "AdapterAnalytics": "services.analytics.library",
     "get_analytics": "services.analytics.library",
+    "RealtimeCompositor": "services.inference.library",
+    "get_compositor": "services.inference.library",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,19 +15,26 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common.localhost import free_port
 from services.common.redis import EmbeddedRedis
 from services.common.settings import REPO_ROOT
 
 DEMO_ADAPTERS = REPO_ROOT / "models" / "adapters"
 DEMO_TENANTS = ("retailer", "bank", "airline")
 # gRPC services the stack runs (python -m services.<name>) and their default ports.
-GRPC_SERVICES = {"inference": 50051, "analytics": 50052, "experiments": 50053}
+GRPC_SERVICES = {
+    "inference": 50051,
+    "analytics": 50052,
+    "experiments": 50053,
+    "activelearning": 50054,
+}
 
 
 def demo_adapter_name(tenant: str) -> str:
@@ -108,6 +115,54 @@ def seed_demo(url: str, admin_key: str, known: dict[str, str]) -> dict[str, str]
                 f"/admin/tenants/{tenant}/adapters", data={"name": name}, files=files
             ).raise_for_status()
     return keys
+
+
+@dataclass
+class LocalStack:
+    """A stack started by start_on_free_ports() (tests and benchmarks)."""
+
+    url: str
+    keys: dict[str, str]
+    admin_key: str
+    process: subprocess.Popen
+    run_dir: Path
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout=60)
+
+
+def start_on_free_ports(
+    run_dir: Path, redis_url: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> LocalStack:
+    """`python -m services.stack` with every service on a free port, demo tenants seeded;
+    returns once the keys are written. Its output goes to run_dir/stack.log."""
+    admin_key = "lpx_admin_" + secrets.token_urlsafe(12)
+    gateway_port = free_port()
+    env = {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "LORAPLEX_RUN_DIR": str(run_dir),
+        **{f"{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in GRPC_SERVICES},
+        "GATEWAY_PORT": str(gateway_port),
+        "METRICS_PORT": "0",
+        "LORAPLEX_ADMIN_KEY": admin_key,
+        **(env or {}),
+    }
+    log = (run_dir / "stack.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.stack"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
+    )
+    keys_file = run_dir / "keys.env"
+    deadline = time.monotonic() + timeout
+    while "AIRLINE_KEY" not in read_keys(keys_file):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            tail = (run_dir / "stack.log").read_text()[-5000:]
+            raise RuntimeError(f"the stack did not start:\n{tail}")
+        time.sleep(0.3)
+    url = f"http://127.0.0.1:{gateway_port}"
+    return LocalStack(url, read_keys(keys_file), admin_key, process, run_dir)
 
 
 def main() -> int:

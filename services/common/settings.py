@@ -28,6 +28,8 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", protected_namespaces=())
     yaml_name: ClassVar[str] = ""
+    # More config files read after yaml_name's (a key set in two: the first file wins).
+    extra_yaml_names: ClassVar[tuple[str, ...]] = ()
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -48,7 +50,7 @@ class ServiceSettings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls.yaml_name:
-            path = config_dir() / f"{cls.yaml_name}.yaml"
+        for name in (cls.yaml_name, *cls.extra_yaml_names) if cls.yaml_name else ():
+            path = config_dir() / f"{name}.yaml"
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)

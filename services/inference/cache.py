@@ -1,7 +1,11 @@
-"""Loaded adapters, bounded in bytes, evicted least-recently-used first.
+"""Loaded adapters in two tiers, each bounded in bytes, evicted least-recently-used first.
 
-An adapter that a running request uses is pinned (reference count > 0) and never evicted
-under it. Concurrent requests for the same missing adapter share one load.
+`AdapterCache` is one tier. An adapter that a running request uses holds a reference and
+is never evicted under it; an operator can pin one for good; an optional TTL drops what
+has not been used for a while. Concurrent requests for the same missing adapter share one
+load. `TieredAdapterCache` stacks a device tier (GPU memory) on a host tier (CPU memory):
+a device miss is filled from the host tier, a host miss from the store. On a CPU-only
+machine the weights already live where the model runs, so there is one tier.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ class _Entry:
     size: int
     users: int = 0
     hits: int = 0
+    pinned: bool = False
+    last_used: float = 0.0  # time.monotonic()
 
 
 @dataclass
 class CacheSnapshot:
+    tier: str
     capacity_bytes: int
     used_bytes: int
     entries: int
@@ -38,17 +45,25 @@ class CacheSnapshot:
     load_seconds_total: float
     load_seconds_p50: float
     load_seconds_p95: float
+    load_seconds_p99: float = 0.0
+    expirations: int = 0
+    pinned: int = 0
+    ttl_seconds: float | None = None
     # (key, size_bytes, hits), most recently used first
     adapters: list[tuple[Hashable, int, int]] = field(default_factory=list)
 
 
 class AdapterCache:
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(
+        self, capacity_bytes: int, *, tier: str = "host", ttl_seconds: float | None = None
+    ) -> None:
+        self.tier = tier
         self.capacity_bytes = capacity_bytes
+        self.ttl_seconds = ttl_seconds
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._loading: dict[Hashable, asyncio.Future[_Entry]] = {}
         self._used = 0
-        self.hits = self.misses = self.evictions = 0
+        self.hits = self.misses = self.evictions = self.expirations = 0
         self._load_seconds_total = 0.0
         self._recent_loads: deque[float] = deque(maxlen=1000)
 
@@ -76,17 +91,41 @@ class AdapterCache:
         self._drop(key)
         return True
 
+    def pin(self, key: Hashable, pinned: bool = True) -> bool:
+        """Keep a cached adapter whatever the LRU order and TTL (or stop keeping it)."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            entry.pinned = pinned
+        return entry is not None
+
+    def expire(self) -> int:
+        """Drop idle entries older than the TTL; returns how many went."""
+        if self.ttl_seconds is None:
+            return 0
+        deadline = time.monotonic() - self.ttl_seconds
+        stale = [
+            k
+            for k, e in self._entries.items()
+            if e.last_used < deadline and not e.users and not e.pinned
+        ]
+        for key in stale:
+            self._drop(key)
+        self.expirations += len(stale)
+        return len(stale)
+
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
     async def _acquire(
         self, key: Hashable, load: Callable[[], Awaitable[LoraWeights]]
     ) -> tuple[_Entry, bool]:
+        self.expire()
         entry = self._entries.get(key)
         if entry is not None:
             self.hits += 1
             entry.hits += 1
             entry.users += 1
+            entry.last_used = time.monotonic()
             self._entries.move_to_end(key)
             return entry, True
         pending = self._loading.get(key)
@@ -103,7 +142,7 @@ class AdapterCache:
             elapsed = time.perf_counter() - started
             self._load_seconds_total += elapsed
             self._recent_loads.append(elapsed)
-            entry = _Entry(weights=weights, size=weights.size_bytes)
+            entry = _Entry(weights=weights, size=weights.size_bytes, last_used=time.monotonic())
             self._make_room(entry.size)
             self._entries[key] = entry
             self._used += entry.size
@@ -127,12 +166,14 @@ class AdapterCache:
         for key in list(self._entries):
             if self._used + size <= self.capacity_bytes:
                 return
-            if self._entries[key].users == 0:
+            entry = self._entries[key]
+            if entry.users == 0 and not entry.pinned:
                 self._drop(key)
                 self.evictions += 1
         if self._used + size > self.capacity_bytes:
             raise ResourceExhausted(
-                "adapter cache is full of adapters that running requests use; retry shortly",
+                f"the {self.tier} adapter cache is full of adapters in use or pinned; "
+                "retry shortly",
                 reason="ADAPTER_CACHE_FULL",
             )
 
@@ -141,8 +182,9 @@ class AdapterCache:
 
     def snapshot(self) -> CacheSnapshot:
         loads = np.fromiter(self._recent_loads, dtype=float)
-        p50, p95 = np.percentile(loads, [50, 95]) if loads.size else (0.0, 0.0)
+        p50, p95, p99 = np.percentile(loads, [50, 95, 99]) if loads.size else (0.0, 0.0, 0.0)
         return CacheSnapshot(
+            tier=self.tier,
             capacity_bytes=self.capacity_bytes,
             used_bytes=self._used,
             entries=len(self._entries),
@@ -152,5 +194,70 @@ class AdapterCache:
             load_seconds_total=self._load_seconds_total,
             load_seconds_p50=float(p50),
             load_seconds_p95=float(p95),
+            load_seconds_p99=float(p99),
+            expirations=self.expirations,
+            pinned=sum(e.pinned for e in self._entries.values()),
+            ttl_seconds=self.ttl_seconds,
             adapters=[(k, e.size, e.hits) for k, e in reversed(self._entries.items())],
         )
+
+
+class TieredAdapterCache:
+    """A device tier over a host tier. A request pins its adapter in the device tier (what
+    the model reads); filling it pins the host copy only while it is copied over."""
+
+    def __init__(
+        self,
+        host: AdapterCache,
+        device: AdapterCache | None = None,
+        to_device: Callable[[LoraWeights], LoraWeights] | None = None,
+    ) -> None:
+        if (device is None) != (to_device is None):
+            raise ValueError("a device tier needs a to_device copy function, and vice versa")
+        self.host = host
+        self.device = device
+        self._to_device = to_device
+
+    @property
+    def tiers(self) -> list[AdapterCache]:
+        return [t for t in (self.device, self.host) if t is not None]
+
+    def _device_load(
+        self, key: Hashable, load: Callable[[], Awaitable[LoraWeights]]
+    ) -> Callable[[], Awaitable[LoraWeights]]:
+        async def fill() -> LoraWeights:
+            async with self.host.use(key, load) as weights:
+                return await asyncio.to_thread(self._to_device, weights)
+
+        return fill
+
+    @asynccontextmanager
+    async def use(
+        self, key: Hashable, load: Callable[[], Awaitable[LoraWeights]]
+    ) -> AsyncIterator[LoraWeights]:
+        if self.device is None:
+            async with self.host.use(key, load) as weights:
+                yield weights
+            return
+        async with self.device.use(key, self._device_load(key, load)) as weights:
+            yield weights
+
+    async def ensure(self, key: Hashable, load: Callable[[], Awaitable[LoraWeights]]) -> bool:
+        """Load into every tier if needed (prefetch). Returns whether the top tier had it."""
+        if self.device is None:
+            return await self.host.ensure(key, load)
+        return await self.device.ensure(key, self._device_load(key, load))
+
+    def remove(self, key: Hashable) -> bool:
+        removed = [tier.remove(key) for tier in self.tiers]
+        return any(removed)
+
+    def pin(self, key: Hashable, pinned: bool = True) -> bool:
+        return any([tier.pin(key, pinned) for tier in self.tiers])
+
+    def __contains__(self, key: Hashable) -> bool:
+        return any(key in tier for tier in self.tiers)
+
+    def snapshot(self) -> list[CacheSnapshot]:
+        """One snapshot per tier, the device tier first when there is one."""
+        return [tier.snapshot() for tier in self.tiers]

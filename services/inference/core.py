@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -21,14 +21,16 @@ import redis.asyncio as aioredis
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.keys import PLATFORM
 from services.common.names import check_adapter_name, check_tenant
-from services.inference.cache import AdapterCache, CacheSnapshot
+from services.inference.cache import AdapterCache, CacheSnapshot, TieredAdapterCache
+from services.inference.compose import compose, composition_key
 from services.inference.decoding import DecodeSequence, Generation, SamplingConfig
-from services.inference.engine import Engine, TokenScores
+from services.inference.engine import Engine, TokenScores, resolve_device
 from services.inference.lora import LoraWeights, parse_adapter
 from services.inference.registry import AdapterRecord, AdapterRegistry
 from services.inference.scheduler import BatchingLimits, Scheduler, StreamChunk
 from services.inference.settings import InferenceSettings
 from services.inference.store import AdapterStore, collect_files
+from services.inference.swap import HotSwap, SwapListener
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +54,43 @@ class SamplingRequest:
     stop: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class CompositionRequest:
+    """Adapters to mix for one request: (name, version, weight) each, and the method."""
+
+    parts: tuple[tuple[str, int, float], ...]
+    method: str = "cat"
+    density: float | None = None
+    svd_rank: int | None = None
+    majority_sign_method: str = "total"
+    seed: int | None = None
+
+    def params(self) -> dict:
+        """compose()'s keyword arguments that the request set."""
+        given = {
+            "density": self.density,
+            "svd_rank": self.svd_rank,
+            "majority_sign_method": self.majority_sign_method,
+            "seed": self.seed,
+        }
+        return {k: v for k, v in given.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ServedAdapter:
+    """What serves a request: one registered adapter version, or a mix of several."""
+
+    name: str
+    version: int
+    cache_key: Hashable
+    load: Callable[[], Awaitable[LoraWeights]]
+    composed_of: tuple[AdapterRecord, ...] = ()
+
+
 @dataclass
 class GenerateResult:
     generation: Generation
-    adapter: AdapterRecord | None
+    adapter: ServedAdapter | None
     queue_seconds: float
 
 
@@ -64,9 +99,26 @@ class InferenceCore:
         self.settings = settings
         self.registry = AdapterRegistry(redis)
         self.store = AdapterStore(settings.adapter_store_dir)
-        self.cache = AdapterCache(settings.adapter_cache_bytes)
+        self.cache = self._tiered_cache(settings)
+        self.hot_swap = HotSwap(self.registry, self.store, self._prefetch)
+        # Every replica hears of hot-swaps (on any replica) and warms the new version.
+        self.swap_listener = SwapListener(redis, self.registry, prefetch=self._prefetch)
         self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
+
+    @staticmethod
+    def _tiered_cache(settings: InferenceSettings) -> TieredAdapterCache:
+        """Host memory always; a device tier too when the model runs on a GPU."""
+        ttl = settings.adapter_cache_ttl_seconds
+        host = AdapterCache(settings.adapter_cache_bytes, tier="host", ttl_seconds=ttl)
+        device = resolve_device(settings.device)
+        if device.type == "cpu":
+            return TieredAdapterCache(host)
+        return TieredAdapterCache(
+            host,
+            AdapterCache(settings.device_cache_bytes, tier="device", ttl_seconds=ttl),
+            lambda weights: weights.to(device),
+        )
 
     async def start(self) -> None:
         """Load the base model (seconds to minutes); until then requests get UNAVAILABLE."""
@@ -83,8 +135,10 @@ class InferenceCore:
             ),
         )
         self._scheduler.start()
+        self.swap_listener.start()
 
     def close(self) -> None:
+        self.swap_listener.stop()
         if self._scheduler is not None:
             self._scheduler.stop()
 
@@ -166,10 +220,14 @@ class InferenceCore:
                 files.weights,
                 engine.linear_shapes,
                 dtype=engine.dtype,
-                device=engine.device,
+                device="cpu",  # the host tier; the device tier copies from there
             )
 
         return await asyncio.to_thread(load)
+
+    async def _prefetch(self, record: AdapterRecord) -> None:
+        """Warm the version a swap made serve (SwapListener hook)."""
+        await self.cache.ensure(record.cache_key, lambda: self._load_weights(record))
 
     async def resolve(self, tenant: str, name: str, version: int) -> AdapterRecord | None:
         """None for the base model (empty adapter name)."""
@@ -178,19 +236,71 @@ class InferenceCore:
             return None
         return await self.registry.resolve(tenant, name, version)
 
+    async def serve(
+        self,
+        tenant: str,
+        name: str,
+        version: int,
+        composition: CompositionRequest | None = None,
+    ) -> ServedAdapter | None:
+        """What will serve a request: None for the base model."""
+        if composition is None or not composition.parts:
+            record = await self.resolve(tenant, name, version)
+            if record is None:
+                return None
+            return ServedAdapter(
+                record.name, record.version, record.cache_key, lambda: self._load_weights(record)
+            )
+        if name:
+            raise InvalidArgument(
+                "name either one adapter or a composition, not both", reason="BAD_INPUT"
+            )
+        check_tenant(tenant)
+        limit = self.settings.max_composed_adapters
+        method, params = composition.method, composition.params()
+        weights = [w for _, _, w in composition.parts]
+        # Weights, count, method and parameters are checked before any lookup.
+        composition_key(
+            [(n, w) for n, _, w in composition.parts], method, params, max_adapters=limit
+        )
+        records = [await self.registry.resolve(tenant, n, v) for n, v, _ in composition.parts]
+        identities = [f"{r.owner}/{r.name}@{r.version}" for r in records]
+        digest = composition_key(
+            list(zip(identities, weights, strict=True)), method, params, max_adapters=limit
+        )
+        engine = self.engine
+
+        async def load() -> LoraWeights:
+            loaded = [await self._load_weights(r) for r in records]
+            return await asyncio.to_thread(
+                compose,
+                loaded,
+                weights,
+                method,
+                base_linears=engine.linear_shapes,
+                max_adapters=limit,
+                **params,
+            )
+
+        label = "composed:" + digest.removeprefix("composed:")[:16]
+        return ServedAdapter(label, 0, (tenant, digest, 0), load, tuple(records))
+
     async def load_adapter(
-        self, tenant: str, name: str, version: int
+        self, tenant: str, name: str, version: int, pin: bool | None = None
     ) -> tuple[AdapterRecord, bool, float]:
+        """Prefetch an adapter into the cache; pin=True keeps it there, False lets it go."""
         record = await self.registry.resolve(tenant, name, version)
         started = time.perf_counter()
         was_cached = await self.cache.ensure(record.cache_key, lambda: self._load_weights(record))
+        if pin is not None:
+            self.cache.pin(record.cache_key, pin)
         return record, was_cached, time.perf_counter() - started
 
     async def unload_adapter(self, tenant: str, name: str, version: int) -> bool:
         record = await self.registry.resolve(tenant, name, version)
         return self.cache.remove(record.cache_key)
 
-    def cache_stats(self) -> CacheSnapshot:
+    def cache_stats(self) -> list[CacheSnapshot]:
         return self.cache.snapshot()
 
     # -- generation -------------------------------------------------------------------------
@@ -265,13 +375,20 @@ class InferenceCore:
         params: SamplingRequest,
         prompt: str = "",
         messages: list[dict[str, str]] | None = None,
+        composition: CompositionRequest | None = None,
     ) -> GenerateResult:
         stream = self.generate_stream(
-            tenant, adapter_name, adapter_version, params, prompt=prompt, messages=messages
+            tenant,
+            adapter_name,
+            adapter_version,
+            params,
+            prompt=prompt,
+            messages=messages,
+            composition=composition,
         )
-        async for record, chunk in stream:
+        async for served, chunk in stream:
             if chunk.generation is not None:
-                return GenerateResult(chunk.generation, record, chunk.queue_seconds)
+                return GenerateResult(chunk.generation, served, chunk.queue_seconds)
         raise AssertionError("a generation stream ends with its result")  # pragma: no cover
 
     async def generate_stream(
@@ -282,7 +399,8 @@ class InferenceCore:
         params: SamplingRequest,
         prompt: str = "",
         messages: list[dict[str, str]] | None = None,
-    ) -> AsyncIterator[tuple[AdapterRecord | None, StreamChunk]]:
+        composition: CompositionRequest | None = None,
+    ) -> AsyncIterator[tuple[ServedAdapter | None, StreamChunk]]:
         """Chunks of new text as they are generated; the last one carries the result.
         Everything a request can be refused for is checked before the first chunk."""
         engine = self.engine
@@ -291,17 +409,17 @@ class InferenceCore:
         config = self._sampling(params, len(prompt_ids))
         if messages:  # a chat reply is one assistant turn
             config = replace(config, stop=config.stop + engine.chat_stop)
-        record = await self.resolve(tenant, adapter_name, adapter_version)
+        served = await self.serve(tenant, adapter_name, adapter_version, composition)
         async with AsyncExitStack() as stack:
             weights = None
-            if record is not None:  # pinned in the cache until the request ends
+            if served is not None:  # pinned in the cache until the request ends
                 weights = await stack.enter_async_context(
-                    self.cache.use(record.cache_key, lambda: self._load_weights(record))
+                    self.cache.use(served.cache_key, served.load)
                 )
             request = self.scheduler.submit(tenant, DecodeSequence(prompt_ids, weights, config))
             try:
                 async for chunk in request:
-                    yield record, chunk
+                    yield served, chunk
             finally:
                 request.cancel()
 

@@ -30,6 +30,8 @@ class SamplingConfig:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Generate exactly max_new_tokens even past end-of-sequence (benchmarks, as vLLM's).
+    ignore_eos: bool = False
 
 
 @dataclass
@@ -114,7 +116,7 @@ class DecodeSequence:
             self.first_token_at = time.perf_counter()
         self.logprobs.append(logprob)
         self.entropies.append(entropy)
-        if token == eos_token_id:
+        if token == eos_token_id and not self.config.ignore_eos:
             self._finish("stop")
             return
         self.tokens.append(token)

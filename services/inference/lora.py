@@ -51,6 +51,19 @@ class LoraWeights:
             for m in self.modules.values()
         )
 
+    def to(self, device: torch.device | str) -> LoraWeights:
+        """A copy on another device (from pinned host memory when copying to CUDA)."""
+
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if t.device.type == "cpu" and torch.device(device).type == "cuda":
+                t = t.pin_memory()
+            return t.to(device, non_blocking=True)
+
+        modules = {
+            name: LoraModule(move(m.a), move(m.b), m.scaling) for name, m in self.modules.items()
+        }
+        return LoraWeights(modules, self.rank, self.lora_alpha, list(self.target_modules))
+
 
 def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
     # PEFT's rule: a pattern key matches a module name ending in ".<key>" (or equal to it).

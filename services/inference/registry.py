@@ -1,8 +1,15 @@
 """Adapter registry in Redis: which adapters each tenant has, their versions and metadata.
 
 Keys (owner is a tenant id, or the platform tag for shared adapters):
-  lp:{owner}:adapters                    hash  name -> current version
+  lp:{owner}:adapters                    hash  name -> serving ("current") version
   lp:{owner}:adapter:<name>:versions     hash  version -> JSON record
+  lp:{owner}:adapter:<name>:history      list  versions that served before, newest first
+
+Requests that ask for version 0 get the serving version. Registering a version makes it
+serve (unless activate=False and something already serves); swap() makes any registered
+version serve; rollback() makes the one that served before serve again. Every change of
+the serving version is one Lua script, which also publishes a SwapEvent on SWAP_CHANNEL so
+every inference replica hears of it.
 """
 
 from __future__ import annotations
@@ -14,15 +21,51 @@ from dataclasses import asdict, dataclass, field
 
 import redis.asyncio as aioredis
 
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
-from services.common.keys import PLATFORM, adapter_index, adapter_versions
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.keys import PLATFORM, adapter_index, adapter_versions, key
 from services.common.names import check_adapter_name, check_tenant
 from services.common.paging import decode_page_token, encode_page_token
 
 log = logging.getLogger(__name__)
 
-# Allocates the version (max + 1 when 0 is asked) and makes it current, atomically.
-_REGISTER = """
+# Pub/sub channel (not a key) on which every change of a serving version is announced.
+SWAP_CHANNEL = key(PLATFORM, "events", "adapter-swaps")
+# How many earlier serving versions each adapter remembers for rollback.
+HISTORY_LIMIT = 10
+
+
+def adapter_history(owner: str, name: str) -> str:
+    """List: versions that served before the current one, newest first."""
+    return key(owner, "adapter", name, "history")
+
+
+# Shared by the scripts below: make ARGV[2] serve; push what served before onto the history
+# (unless rolling back, which pops it), and announce the change. KEYS[2] index, KEYS[3]
+# history; ARGV[1] name; ARGV[4] history limit; ARGV[5] channel; ARGV[6] owner; ARGV[7]
+# sha256; ARGV[8] time of the change; ARGV[9] kind.
+_SERVE = """
+local function serve(version, current, pop)
+  redis.call('HSET', KEYS[2], ARGV[1], version)
+  if pop then
+    redis.call('LPOP', KEYS[3])
+  elseif current and current ~= tostring(version) then
+    redis.call('LPUSH', KEYS[3], current)
+    redis.call('LTRIM', KEYS[3], 0, tonumber(ARGV[4]) - 1)
+  end
+  if current ~= tostring(version) then
+    redis.call('PUBLISH', ARGV[5], cjson.encode({
+      owner = ARGV[6], name = ARGV[1], version = tonumber(version), sha256 = ARGV[7],
+      previous = tonumber(current) or 0, at = tonumber(ARGV[8]), kind = ARGV[9]}))
+  end
+end
+"""
+
+# Allocates the version (max + 1 when 0 is asked) and, when asked to or when nothing serves
+# yet, makes it serve. KEYS[1] versions; ARGV[2] version; ARGV[3] record JSON; ARGV[10]
+# activate ('1'/'0').
+_REGISTER = (
+    _SERVE
+    + """
 local version = tonumber(ARGV[2])
 if version == 0 then
   version = 1
@@ -33,9 +76,33 @@ elseif redis.call('HEXISTS', KEYS[1], version) == 1 then
   return -1
 end
 redis.call('HSET', KEYS[1], version, ARGV[3])
-redis.call('HSET', KEYS[2], ARGV[1], version)
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[10] == '1' or not current then
+  serve(version, current, false)
+end
 return version
 """
+)
+
+# Makes a registered version serve. KEYS[1] versions; ARGV[2] version; ARGV[3] expected
+# sha256 ('' = any); ARGV[9] 'swap' or 'rollback' (then ARGV[2] must still be the history's
+# head, which the caller verified). Returns {status, previous version}.
+_SWAP = (
+    _SERVE
+    + """
+local raw = redis.call('HGET', KEYS[1], ARGV[2])
+local current = redis.call('HGET', KEYS[2], ARGV[1])
+if not raw or not current then return {'NOT_FOUND', ''} end
+local sha256 = cjson.decode(raw)['sha256']
+if ARGV[3] ~= '' and sha256 ~= ARGV[3] then return {'SHA256_MISMATCH', sha256} end
+local rollback = ARGV[9] == 'rollback'
+if rollback and redis.call('LINDEX', KEYS[3], 0) ~= ARGV[2] then
+  return {'CONFLICT', current}
+end
+serve(ARGV[2], current, rollback)
+return {'OK', current}
+"""
+)
 
 
 @dataclass
@@ -59,22 +126,58 @@ class AdapterRecord:
         return (self.owner, self.name, self.version)
 
 
+@dataclass(frozen=True)
+class SwapResult:
+    """What served before a change of the serving version, and what serves now (the same
+    record twice when the version asked for was already serving)."""
+
+    previous: AdapterRecord
+    current: AdapterRecord
+    swapped_at: float
+
+
+class SwapConflict(Exception):
+    """A rollback lost a race with another change of the same adapter; look again."""
+
+
+def check_expected_sha256(value: str) -> str:
+    """'' (no expectation) or 64 hex digits, lowercased."""
+    value = value.lower()
+    if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+        raise InvalidArgument("expected_sha256 must be 64 hexadecimal digits", reason="BAD_SHA256")
+    return value
+
+
+def _not_found(name: str, version: int = 0) -> NotFound:
+    suffix = f" version {version}" if version else ""
+    return NotFound(f"adapter {name!r}{suffix} not found", reason="ADAPTER_NOT_FOUND")
+
+
 class AdapterRegistry:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
         self._register = redis.register_script(_REGISTER)
+        self._swap = redis.register_script(_SWAP)
 
-    async def register(self, record: AdapterRecord) -> AdapterRecord:
-        """Record a new version and make it current. record.version 0 means 'next'."""
+    @staticmethod
+    def _keys(owner: str, name: str) -> list[str]:
+        return [adapter_versions(owner, name), adapter_index(owner), adapter_history(owner, name)]
+
+    @staticmethod
+    def _args(owner: str, name: str, version: int, sha256: str, kind: str) -> list[object]:
+        """ARGV[1..9] as the scripts' shared part reads them."""
+        return [name, version, "", HISTORY_LIMIT, SWAP_CHANNEL, owner, sha256, time.time(), kind]
+
+    async def register(self, record: AdapterRecord, activate: bool = True) -> AdapterRecord:
+        """Record a new version (record.version 0 means 'next'). It serves from now on if
+        `activate`, or if no version of the adapter serves yet; else it waits for a swap."""
         body = asdict(record)
         del body["version"]
         body["created_at"] = record.created_at or time.time()
+        args = self._args(record.owner, record.name, record.version, record.sha256, "register")
+        args[2] = json.dumps(body)
         version = await self._register(
-            keys=[
-                adapter_versions(record.owner, record.name),
-                adapter_index(record.owner),
-            ],
-            args=[record.name, record.version, json.dumps(body)],
+            keys=self._keys(record.owner, record.name), args=[*args, "1" if activate else "0"]
         )
         if version == -1:
             raise AlreadyExists(
@@ -99,6 +202,14 @@ class AdapterRegistry:
             log.error("malformed adapter record", extra={"owner": owner, "adapter": name})
             return None
 
+    async def get(self, owner: str, name: str, version: int = 0) -> AdapterRecord:
+        """One owner's adapter (no fallback to the platform's); version 0: the serving one."""
+        check_adapter_name(name)
+        record = await self._get_owned(owner, name, version)
+        if record is None:
+            raise _not_found(name, version)
+        return record
+
     async def resolve(self, tenant: str, name: str, version: int = 0) -> AdapterRecord:
         """The tenant's own adapter, else a platform-shared one. Another tenant's adapter
         gets the same NOT_FOUND as a missing one, so its existence does not leak."""
@@ -108,13 +219,68 @@ class AdapterRegistry:
             record = await self._get_owned(owner, name, version)
             if record is not None:
                 return record
-        suffix = f" version {version}" if version else ""
-        raise NotFound(f"adapter {name!r}{suffix} not found", reason="ADAPTER_NOT_FOUND")
+        raise _not_found(name, version)
+
+    async def history(self, owner: str, name: str) -> list[int]:
+        """Versions that served before the serving one, newest first (rollback's order)."""
+        return [int(v) for v in await self._redis.lrange(adapter_history(owner, name), 0, -1)]
+
+    async def swap(
+        self, owner: str, name: str, version: int, expected_sha256: str = ""
+    ) -> SwapResult:
+        """Make a registered version serve, atomically; what served before goes on the
+        history. Refused (FAILED_PRECONDITION, nothing changes) when expected_sha256 is given
+        and differs from the version's recorded sha256."""
+        check_adapter_name(name)
+        if version <= 0:
+            raise InvalidArgument("give the version to serve (1 or more)", reason="BAD_VERSION")
+        expected = check_expected_sha256(expected_sha256)
+        return await self._change(owner, name, version, expected, "swap")
+
+    async def rollback(self, owner: str, name: str, version: int) -> SwapResult:
+        """Make `version`, the head of the history (see rollback_target), serve again and
+        drop it from the history. SwapConflict if the history changed meanwhile."""
+        return await self._change(owner, name, version, "", "rollback")
+
+    async def rollback_target(self, owner: str, name: str) -> AdapterRecord:
+        """The version a rollback would make serve: the one that served before."""
+        await self.get(owner, name)  # unknown adapter: NOT_FOUND before anything else
+        head = await self._redis.lindex(adapter_history(owner, name), 0)
+        if head is None:
+            raise FailedPrecondition(
+                f"adapter {name!r} has no earlier serving version to roll back to",
+                reason="NO_PREVIOUS_VERSION",
+            )
+        return await self.get(owner, name, int(head))
+
+    async def _change(
+        self, owner: str, name: str, version: int, expected_sha256: str, kind: str
+    ) -> SwapResult:
+        target = await self.get(owner, name, version)
+        args = self._args(owner, name, version, target.sha256, kind)
+        args[2] = expected_sha256
+        swapped_at = float(args[7])
+        status, detail = await self._swap(keys=self._keys(owner, name), args=args)
+        status, detail = status.decode(), detail.decode()
+        if status == "NOT_FOUND":
+            raise _not_found(name, version)
+        if status == "SHA256_MISMATCH":
+            raise FailedPrecondition(
+                f"adapter {name!r} version {version} has sha256 {detail}, "
+                f"not the expected {expected_sha256}; nothing was swapped",
+                reason="SHA256_MISMATCH",
+                expected_sha256=expected_sha256,
+                actual_sha256=detail,
+            )
+        if status == "CONFLICT":
+            raise SwapConflict(name)
+        previous = target if int(detail) == version else await self.get(owner, name, int(detail))
+        return SwapResult(previous=previous, current=target, swapped_at=swapped_at)
 
     async def list(
         self, tenant: str, page_size: int = 100, page_token: str = ""
     ) -> tuple[list[AdapterRecord], str]:
-        """Current versions of the tenant's adapters, then the shared ones, by name."""
+        """Serving versions of the tenant's adapters, then the shared ones, by name."""
         check_tenant(tenant)
         if page_size < 0 or page_size > 1000:
             raise InvalidArgument("page_size must be in [0, 1000]", reason="BAD_PAGE_SIZE")

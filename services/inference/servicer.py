@@ -8,8 +8,15 @@ from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.keys import PLATFORM
-from services.inference.core import InferenceCore, SamplingRequest
-from services.inference.registry import AdapterRecord
+from services.inference.cache import CacheSnapshot
+from services.inference.core import (
+    CompositionRequest,
+    InferenceCore,
+    SamplingRequest,
+    ServedAdapter,
+)
+from services.inference.decoding import Generation
+from services.inference.registry import AdapterRecord, SwapResult
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -32,7 +39,7 @@ def adapter_info(record: AdapterRecord) -> common_pb2.AdapterInfo:
     )
 
 
-def adapter_ref(record: AdapterRecord | None) -> common_pb2.AdapterRef:
+def adapter_ref(record: AdapterRecord | ServedAdapter | None) -> common_pb2.AdapterRef:
     if record is None:
         return common_pb2.AdapterRef()
     return common_pb2.AdapterRef(name=record.name, version=record.version)
@@ -48,42 +55,101 @@ def sampling_request(params: pb.SamplingParams) -> SamplingRequest:
     )
 
 
+def composition_request(composition: pb.Composition) -> CompositionRequest | None:
+    if not composition.parts:
+        return None
+    return CompositionRequest(
+        parts=tuple((p.adapter.name, p.adapter.version, p.weight) for p in composition.parts),
+        method=composition.method or "cat",
+        density=composition.density if composition.HasField("density") else None,
+        svd_rank=composition.svd_rank if composition.HasField("svd_rank") else None,
+        majority_sign_method=composition.majority_sign_method or "total",
+        seed=composition.seed if composition.HasField("seed") else None,
+    )
+
+
+def generate_response(
+    gen: Generation, served: ServedAdapter | None, queued: float
+) -> pb.GenerateResponse:
+    composed_of = served.composed_of if served is not None else ()
+    return pb.GenerateResponse(
+        composed_of=[adapter_ref(r) for r in composed_of],
+        text=gen.text,
+        finish_reason=_FINISH[gen.finish_reason],
+        usage=common_pb2.TokenUsage(
+            prompt_tokens=gen.prompt_tokens,
+            completion_tokens=gen.completion_tokens,
+            total_tokens=gen.prompt_tokens + gen.completion_tokens,
+        ),
+        timing=pb.Timing(
+            queue_seconds=queued,
+            time_to_first_token_seconds=queued + gen.time_to_first_token,
+            total_seconds=queued + gen.total_seconds,
+        ),
+        uncertainty=pb.UncertaintyStats(
+            mean_token_entropy=gen.mean_token_entropy,
+            mean_logprob=gen.mean_logprob,
+            min_token_prob=gen.min_token_prob,
+        ),
+        adapter=adapter_ref(served),
+        token_logprobs=gen.token_logprobs,
+        token_entropies=gen.token_entropies,
+    )
+
+
+def tier_stats(snap: CacheSnapshot) -> pb.CacheTierStats:
+    return pb.CacheTierStats(
+        tier=snap.tier,
+        capacity_bytes=snap.capacity_bytes,
+        used_bytes=snap.used_bytes,
+        entries=snap.entries,
+        hits=snap.hits,
+        misses=snap.misses,
+        evictions=snap.evictions,
+        expirations=snap.expirations,
+        pinned=snap.pinned,
+        ttl_seconds=snap.ttl_seconds or 0.0,
+        load_seconds_p50=snap.load_seconds_p50,
+        load_seconds_p95=snap.load_seconds_p95,
+        load_seconds_p99=snap.load_seconds_p99,
+        adapters=[
+            pb.CachedAdapter(
+                tenant="" if owner == PLATFORM else owner,
+                name=name,
+                version=version,
+                size_bytes=size,
+                hits=hits,
+            )
+            for (owner, name, version), size, hits in snap.adapters
+        ],
+    )
+
+
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
 
+    def _generation_args(self, request: pb.GenerateRequest) -> dict:
+        return {
+            "tenant": request.tenant,
+            "adapter_name": request.adapter.name,
+            "adapter_version": request.adapter.version,
+            "params": sampling_request(request.params),
+            "prompt": request.prompt,
+            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "composition": composition_request(request.composition),
+        }
+
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
-        result = await self.core.generate(
-            request.tenant,
-            request.adapter.name,
-            request.adapter.version,
-            sampling_request(request.params),
-            prompt=request.prompt,
-            messages=[{"role": m.role, "content": m.content} for m in request.messages],
-        )
-        gen, queued = result.generation, result.queue_seconds
-        return pb.GenerateResponse(
-            text=gen.text,
-            finish_reason=_FINISH[gen.finish_reason],
-            usage=common_pb2.TokenUsage(
-                prompt_tokens=gen.prompt_tokens,
-                completion_tokens=gen.completion_tokens,
-                total_tokens=gen.prompt_tokens + gen.completion_tokens,
-            ),
-            timing=pb.Timing(
-                queue_seconds=queued,
-                time_to_first_token_seconds=queued + gen.time_to_first_token,
-                total_seconds=queued + gen.total_seconds,
-            ),
-            uncertainty=pb.UncertaintyStats(
-                mean_token_entropy=gen.mean_token_entropy,
-                mean_logprob=gen.mean_logprob,
-                min_token_prob=gen.min_token_prob,
-            ),
-            adapter=adapter_ref(result.adapter),
-            token_logprobs=gen.token_logprobs,
-            token_entropies=gen.token_entropies,
-        )
+        result = await self.core.generate(**self._generation_args(request))
+        return generate_response(result.generation, result.adapter, result.queue_seconds)
+
+    async def GenerateStream(self, request: pb.GenerateRequest, context):
+        async for served, chunk in self.core.generate_stream(**self._generation_args(request)):
+            final = None
+            if chunk.generation is not None:
+                final = generate_response(chunk.generation, served, chunk.queue_seconds)
+            yield pb.GenerateStreamResponse(text=chunk.text, final=final)
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         scores, record = await self.core.score(
@@ -127,7 +193,10 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context):
         record, was_cached, seconds = await self.core.load_adapter(
-            request.tenant, request.adapter.name, request.adapter.version
+            request.tenant,
+            request.adapter.name,
+            request.adapter.version,
+            pin=request.pin if request.HasField("pin") else None,
         )
         return pb.LoadAdapterResponse(
             adapter=adapter_info(record), was_cached=was_cached, load_seconds=seconds
@@ -140,27 +209,20 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         return pb.UnloadAdapterResponse(was_loaded=was_loaded)
 
     async def CacheStats(self, request: pb.CacheStatsRequest, context):
-        snap = self.core.cache_stats()
+        tiers = [tier_stats(snap) for snap in self.core.cache_stats()]
+        host = tiers[-1]
         return pb.CacheStatsResponse(
-            capacity_bytes=snap.capacity_bytes,
-            used_bytes=snap.used_bytes,
-            entries=snap.entries,
-            hits=snap.hits,
-            misses=snap.misses,
-            evictions=snap.evictions,
-            load_seconds_total=snap.load_seconds_total,
-            load_seconds_p50=snap.load_seconds_p50,
-            load_seconds_p95=snap.load_seconds_p95,
-            adapters=[
-                pb.CachedAdapter(
-                    tenant="" if owner == PLATFORM else owner,
-                    name=name,
-                    version=version,
-                    size_bytes=size,
-                    hits=hits,
-                )
-                for (owner, name, version), size, hits in snap.adapters
-            ],
+            tiers=tiers,
+            capacity_bytes=host.capacity_bytes,
+            used_bytes=host.used_bytes,
+            entries=host.entries,
+            hits=host.hits,
+            misses=host.misses,
+            evictions=host.evictions,
+            load_seconds_total=self.core.cache.host.snapshot().load_seconds_total,
+            load_seconds_p50=host.load_seconds_p50,
+            load_seconds_p95=host.load_seconds_p95,
+            adapters=host.adapters,
         )
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context):
@@ -173,3 +235,29 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             device=str(engine.device),
             dtype=str(engine.dtype).removeprefix("torch."),
         )
+
+    async def SwapAdapter(self, request: pb.SwapAdapterRequest, context):
+        result = await self.core.hot_swap.swap(
+            request.tenant,
+            request.name,
+            request.version,
+            expected_sha256=request.expected_sha256,
+            shared=request.shared,
+        )
+        return pb.SwapAdapterResponse(**swap_fields(result))
+
+    async def RollbackAdapter(self, request: pb.RollbackAdapterRequest, context):
+        result = await self.core.hot_swap.rollback(
+            request.tenant, request.name, shared=request.shared
+        )
+        return pb.RollbackAdapterResponse(**swap_fields(result))
+
+
+def swap_fields(result: SwapResult) -> dict:
+    swapped_at = Timestamp()
+    swapped_at.FromNanoseconds(int(result.swapped_at * 1e9))
+    return {
+        "previous": adapter_info(result.previous),
+        "current": adapter_info(result.current),
+        "swapped_at": swapped_at,
+    }

@@ -9,6 +9,7 @@ from services.common.settings import REPO_ROOT, ServiceSettings
 
 class InferenceSettings(ServiceSettings):
     yaml_name = "inference"
+    extra_yaml_names = ("composition",)
 
     port: int = 50051
     # A local Hugging Face causal-LM directory; the default is the project's own small model.
@@ -19,8 +20,12 @@ class InferenceSettings(ServiceSettings):
     device: str = "auto"
     # "auto": float32 on CPU, bfloat16 on CUDA.
     dtype: str = "auto"
-    # Byte budget of loaded adapters (their weights as held on the device).
+    # Byte budgets of loaded adapters in host memory, and in GPU memory when the model runs
+    # on a GPU (config/composition.yaml).
     adapter_cache_bytes: int = 256 * 1024 * 1024
+    device_cache_bytes: int = 256 * 1024 * 1024
+    # Adapters unused for this long leave the cache (None: only LRU eviction).
+    adapter_cache_ttl_seconds: float | None = None
     # Upper bound on max_new_tokens a request may ask for (also bounded by the context).
     max_new_tokens_limit: int = 512
     # Sampling where a request leaves it unset. None: the model's generation_config.json
@@ -28,6 +33,8 @@ class InferenceSettings(ServiceSettings):
     default_temperature: float | None = None
     default_top_p: float | None = None
 
+    # Most adapters one composition may mix.
+    max_composed_adapters: int = 8
     # Continuous batching (services/inference/scheduler.py).
     max_batch_size: int = 32
     batch_wait_ms: float = 2.0

@@ -53,6 +53,41 @@ def test_chat_completion(stack):
     assert reply.choices[0].message.content.strip()
 
 
+def test_streaming_with_the_openai_client_equals_the_whole_reply(stack):
+    bank = client(stack, "bank")
+    ask = {"model": "bank-support", "max_tokens": 24, "temperature": 0}
+    messages = [{"role": "user", "content": "How do I reset my PIN?"}]
+    whole = bank.chat.completions.create(messages=messages, **ask)
+    chunks = list(
+        bank.chat.completions.create(
+            messages=messages, stream=True, stream_options={"include_usage": True}, **ask
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert len([c for c in chunks if c.choices]) > 2  # it came in pieces
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    text = "".join(
+        c.choices[0].text
+        for c in bank.completions.create(prompt=PROMPTS["bank"], stream=True, **ask)
+    )
+    assert text == bank.completions.create(prompt=PROMPTS["bank"], **ask).choices[0].text
+
+
+def test_a_composition_of_halves_serves_like_the_whole_adapter(stack):
+    retailer = client(stack, "retailer")
+    ask = {"prompt": PROMPTS["retailer"], "max_tokens": 24, "temperature": 0}
+    whole = retailer.completions.create(model="retailer-support", **ask)
+    halves = [{"adapter": "retailer-support", "weight": 0.5}] * 2
+    mixed = retailer.completions.create(
+        model="loraplex-tiny", extra_body={"composition": {"adapters": halves}}, **ask
+    )
+    assert mixed.choices[0].text == whole.choices[0].text  # cat is exact: 0.5 + 0.5 = 1
+    served = mixed.model_extra["loraplex"]
+    assert served["adapter"]["name"].startswith("composed:")
+    assert [a["name"] for a in served["composed_of"]] == ["retailer-support"] * 2
+
+
 def test_models_lists_only_the_callers_adapters(stack):
     ids = {m.id for m in client(stack, "airline").models.list()}
     assert "airline-support" in ids and "loraplex-tiny" in ids

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import uuid
@@ -12,6 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
+from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.redis import connect
+from services.inference.app import create_server
+from services.inference.settings import InferenceSettings
 from tests.helpers import DEMO_ADAPTERS, adapter_files, error_reason
 
 pytestmark = pytest.mark.integration
@@ -391,3 +396,72 @@ async def test_a_corrupt_registry_record_does_not_break_listing(stub, inference)
     listed = await stub.ListAdapters(pb.ListAdaptersRequest(tenant=tenant))
     assert [a.name for a in listed.adapters if not a.shared] == ["good"]
     await expect_error(stub.Generate(generate_request(tenant, "broken")), grpc.StatusCode.NOT_FOUND)
+
+
+async def test_generate_stream_pieces_add_up_to_generate(stub):
+    tenant = new_tenant()
+    await register(stub, tenant)
+    request = generate_request(tenant, "support", max_new_tokens=24)
+    whole = await stub.Generate(request)
+    messages = [m async for m in stub.GenerateStream(request)]
+    assert len(messages) > 2 and messages[-1].HasField("final")
+    assert not any(m.HasField("final") for m in messages[:-1])
+    assert "".join(m.text for m in messages) == whole.text == messages[-1].final.text
+    assert messages[-1].final.adapter.version == whole.adapter.version == 1
+    assert messages[-1].final.usage == whole.usage
+
+
+async def test_generate_stream_refusals_come_before_any_text(stub):
+    messages = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for message in stub.GenerateStream(generate_request(new_tenant(), "missing")):
+            messages.append(message)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND and not messages
+
+
+async def test_concurrent_generations_share_decode_steps(stub, inference):
+    _, core = inference
+    tenant = new_tenant()
+    await register(stub, tenant)
+    steps = core.scheduler.steps
+    requests = [
+        generate_request(tenant, "support" if i % 2 else "", max_new_tokens=16, prompt=f"{i}: ")
+        for i in range(8)
+    ]
+    replies = await asyncio.gather(*(stub.Generate(r) for r in requests))
+    assert all(r.usage.completion_tokens for r in replies)
+    tokens = sum(r.usage.completion_tokens for r in replies)
+    assert core.scheduler.steps - steps < tokens / 2  # rows decoded together, not in turn
+
+
+async def test_full_queue_is_resource_exhausted(stub, redis_url, tmp_path):
+    settings = InferenceSettings(
+        port=0,
+        redis_url=redis_url,
+        adapter_store_dir=tmp_path,
+        max_batch_size=1,
+        max_queued_requests=1,
+        shutdown_grace_seconds=1,
+    )
+    redis = connect(redis_url)
+    server, core = create_server(settings, redis)
+    await server.start()
+    await core.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            small = pb_grpc.InferenceServiceStub(channel)
+            request = generate_request(new_tenant(), max_new_tokens=64)
+            outcomes = await asyncio.gather(
+                *(small.Generate(request) for _ in range(8)), return_exceptions=True
+            )
+    finally:
+        await server.stop()
+        core.close()
+        await redis.aclose()
+    refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    # One row decoding and one request waiting: the others are turned away at once.
+    assert len(refused) >= 5
+    assert {(e.code(), error_reason(e)) for e in refused} == {
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, "QUEUE_FULL")
+    }
+    assert all(o.usage.completion_tokens for o in outcomes if o not in refused)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from services.common.errors import ResourceExhausted
-from services.inference.cache import AdapterCache
+from services.inference.cache import AdapterCache, TieredAdapterCache
 from services.inference.lora import LoraModule, LoraWeights
 
 
@@ -83,3 +83,78 @@ async def test_remove_skips_adapters_in_use():
     async with cache.use("k", loader(10)):
         assert not cache.remove("k")
     assert cache.remove("k") and cache.snapshot().used_bytes == 0
+
+
+async def test_pinned_adapter_survives_lru_pressure_until_unpinned():
+    cache = AdapterCache(capacity_bytes=4 * 250)
+    await cache.ensure("keep", loader(100))
+    assert cache.pin("keep")
+    for key in ("b", "c", "d"):
+        await cache.ensure(key, loader(100))
+    assert "keep" in cache and cache.snapshot().pinned == 1
+    cache.pin("keep", False)
+    await cache.ensure("e", loader(100))
+    assert "keep" not in cache
+    assert not cache.pin("never-loaded")
+
+
+async def test_idle_adapters_expire_after_the_ttl(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr("services.inference.cache.time.monotonic", lambda: now[0])
+    cache = AdapterCache(capacity_bytes=10_000, ttl_seconds=60)
+    await cache.ensure("old", loader(10))
+    await cache.ensure("pinned", loader(10))
+    cache.pin("pinned")
+    now[0] += 30
+    await cache.ensure("fresh", loader(10))
+    async with cache.use("busy", loader(10)):
+        now[0] += 45  # "old" idle 75 s, "fresh" 45 s, "busy" in use
+        await cache.ensure("fresh", loader(10))
+        assert "old" not in cache
+        assert {"pinned", "fresh", "busy"} <= set(k for k, _, _ in cache.snapshot().adapters)
+        now[0] += 100
+        cache.expire()
+        assert "busy" in cache and "pinned" in cache and "fresh" not in cache
+    snap = cache.snapshot()
+    assert snap.expirations == 2 and snap.ttl_seconds == 60
+
+
+def device_copy(weights: LoraWeights) -> LoraWeights:
+    """Stands in for a copy to GPU memory: a new object with new tensors."""
+    return LoraWeights(
+        {k: LoraModule(m.a.clone(), m.b.clone(), m.scaling) for k, m in weights.modules.items()},
+        weights.rank,
+        weights.lora_alpha,
+    )
+
+
+async def test_device_tier_fills_from_the_host_tier_and_counts_per_tier():
+    host = AdapterCache(capacity_bytes=4 * 1000, tier="host")
+    device = AdapterCache(capacity_bytes=4 * 250, tier="device")
+    cache = TieredAdapterCache(host, device, device_copy)
+    calls: list[int] = []
+    for key in ("a", "b", "c"):  # the device tier holds two of these, the host all three
+        async with cache.use(key, loader(100, calls)) as w:
+            assert w.size_bytes == 400
+    assert calls == [100, 100, 100]
+    assert "a" not in device and "a" in host
+    async with cache.use("a", loader(100, calls)):  # device miss, host hit: no new load
+        pass
+    assert calls == [100, 100, 100]
+    device_snap, host_snap = cache.snapshot()
+    assert (device_snap.tier, host_snap.tier) == ("device", "host")
+    assert (device_snap.misses, device_snap.evictions, device_snap.entries) == (4, 2, 2)
+    assert (host_snap.misses, host_snap.hits, host_snap.entries) == (3, 1, 3)
+
+
+async def test_device_tier_never_evicts_what_a_running_request_uses():
+    cache = TieredAdapterCache(
+        AdapterCache(4 * 1000), AdapterCache(4 * 150, tier="device"), device_copy
+    )
+    async with cache.use("running", loader(100)):
+        with pytest.raises(ResourceExhausted) as info:
+            await cache.ensure("other", loader(100))
+        assert info.value.reason == "ADAPTER_CACHE_FULL"
+        assert "running" in cache.device
+    assert await cache.ensure("other", loader(100)) is False
+    assert cache.remove("other") and "other" not in cache

@@ -82,6 +82,18 @@ class FakeInference(pb_grpc.InferenceServiceServicer):
             ),
         )
 
+    async def GenerateStream(self, request: pb.GenerateRequest, context: Any):
+        """Generate's reply in three pieces, then the whole; fail["GenerateStream.mid"]
+        makes it fail after the first piece, as a model error mid-generation would."""
+        reply = await self.Generate(request, context)
+        self.requests["GenerateStream"].append(request)
+        third = len(reply.text) // 3
+        yield pb.GenerateStreamResponse(text=reply.text[:third])
+        if "GenerateStream.mid" in self.fail:
+            raise self.fail["GenerateStream.mid"]
+        yield pb.GenerateStreamResponse(text=reply.text[third : 2 * third])
+        yield pb.GenerateStreamResponse(text=reply.text[2 * third :], final=reply)
+
     async def ListAdapters(
         self, request: pb.ListAdaptersRequest, context: Any
     ) -> pb.ListAdaptersResponse:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 import pytest
 
+from services.common.errors import Unavailable
 from tests.unit.gateway.fake_inference import (
     BASE_MODEL,
     MAX_NEW_TOKENS_LIMIT,
@@ -93,7 +95,7 @@ async def test_missing_fields_are_named(client: httpx.AsyncClient, bank: dict[st
     ("overrides", "words"),
     [
         ({"n": 2}, "only n=1"),
-        ({"stream": True}, "streaming is not supported yet"),
+        ({"stream_options": {"include_usage": "sometimes"}}, "include_usage"),
         ({"echo": True}, "echo"),
         ({"logprobs": 3}, "logprobs"),
         ({"prompt": ["a", "b"]}, "exactly one string"),
@@ -348,3 +350,123 @@ async def test_form_encoded_body_is_400_saying_json_is_expected(
     )
     error = assert_error(response, 400, "INVALID_ARGUMENT")
     assert "application/json" in error["message"]
+
+
+# --- streaming (server-sent events) -----------------------------------------------------
+
+
+def sse_events(response: httpx.Response) -> list[Any]:
+    """The `data:` payloads of an event stream, JSON-decoded ("[DONE]" kept as a string)."""
+    assert response.headers["content-type"].startswith("text/event-stream")
+    payloads = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
+    return [p if p == "[DONE]" else json.loads(p) for p in payloads]
+
+
+async def test_streamed_completion_is_openai_chunks_then_done(
+    client: httpx.AsyncClient, bank: dict[str, str], fake: FakeInference
+) -> None:
+    body = completion(model="fraud", prompt="Hi there", stream=True)
+    body["stream_options"] = {"include_usage": True}
+    response = await client.post("/v1/completions", json=body, headers=bank)
+    assert response.status_code == 200, response.text
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert {c["object"] for c in chunks} == {"text_completion"}
+    assert len({c["id"] for c in chunks}) == 1
+    text = "".join(choice["text"] for c in chunks for choice in c["choices"])
+    assert text == "echo:Hi there"
+    finishes = [ch["finish_reason"] for c in chunks for ch in c["choices"]]
+    assert finishes[-1] == "stop" and set(finishes[:-1]) == {None}
+    assert chunks[-2]["loraplex"]["adapter"] == {"name": "fraud", "version": 3}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
+    assert [r.tenant for r in fake.requests["GenerateStream"]] == ["bank"]
+
+
+async def test_streamed_chat_names_the_role_first(
+    client: httpx.AsyncClient, bank: dict[str, str]
+) -> None:
+    body = {"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hello"}]}
+    response = await client.post("/v1/chat/completions", json=body | {"stream": True}, headers=bank)
+    chunks = sse_events(response)[:-1]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0]["role"] == "assistant"
+    assert all("role" not in d for d in deltas[1:])
+    assert "".join(d.get("content", "") for d in deltas) == "echo:Hello"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # the fake: max_tokens 0
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert "usage" not in chunks[-1]  # not asked for
+
+
+async def test_stream_refused_before_it_starts_gets_its_http_status(
+    client: httpx.AsyncClient, bank: dict[str, str]
+) -> None:
+    response = await client.post(
+        "/v1/completions", json=completion(model="nope", stream=True), headers=bank
+    )
+    assert_error(response, 404, "NOT_FOUND")
+
+
+async def test_failure_mid_stream_ends_with_an_error_event(
+    client: httpx.AsyncClient, bank: dict[str, str], fake: FakeInference
+) -> None:
+    fake.fail["GenerateStream.mid"] = Unavailable("model failed", reason="MODEL_ERROR")
+    response = await client.post(
+        "/v1/completions", json=completion(prompt="Hi there", stream=True), headers=bank
+    )
+    assert response.status_code == 200  # the status line went out with the first chunk
+    events = sse_events(response)
+    assert events[0]["choices"][0]["text"] == "echo"  # the first third of "echo:Hi there"
+    assert events[-1]["error"]["code"] == "UNAVAILABLE"
+    assert "[DONE]" not in events
+
+
+# --- composition ------------------------------------------------------------------------
+
+
+async def test_composition_is_sent_to_inference_as_asked(
+    client: httpx.AsyncClient, bank: dict[str, str], fake: FakeInference
+) -> None:
+    mix = {
+        "adapters": [{"adapter": "fraud@2", "weight": 0.7}, {"adapter": "loans", "weight": 0.3}],
+        "method": "dare_ties",
+        "density": 0.5,
+        "seed": 3,
+    }
+    response = await client.post("/v1/completions", json=completion(composition=mix), headers=bank)
+    assert response.status_code == 200, response.text
+    sent = fake.requests["Generate"][-1]
+    assert not sent.adapter.name
+    parts = [(p.adapter.name, p.adapter.version, p.weight) for p in sent.composition.parts]
+    assert parts == [("fraud", 2, 0.7), ("loans", 0, 0.3)]
+    assert (sent.composition.method, sent.composition.density, sent.composition.seed) == (
+        "dare_ties",
+        0.5,
+        3,
+    )
+    assert not sent.composition.HasField("svd_rank")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "status", "words"),
+    [
+        ({"model": "fraud"}, 400, "must be the base model"),
+        ({"composition": {"adapters": []}}, 400, "adapters"),
+        ({"composition": {"adapters": [{"adapter": "fraud"}], "method": "magic"}}, 400, "method"),
+        ({"composition": {"adapters": [{"adapter": "fraud", "weight": "NaN"}]}}, 400, "weight"),
+        ({"composition": {"adapters": [{"adapter": "fraud"}], "extra": 1}}, 400, "extra"),
+    ],
+)
+async def test_bad_compositions_are_400(
+    client: httpx.AsyncClient,
+    bank: dict[str, str],
+    fake: FakeInference,
+    overrides: dict[str, Any],
+    status: int,
+    words: str,
+) -> None:
+    body = completion(composition={"adapters": [{"adapter": "fraud"}]}) | overrides
+    response = await client.post("/v1/completions", json=body, headers=bank)
+    error = assert_error(response, status, "INVALID_ARGUMENT")
+    assert words in error["message"]
+    assert not fake.requests["Generate"]

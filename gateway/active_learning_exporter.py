@@ -1,0 +1,146 @@
+"""Off-the-request-path batch senders for active learning, on AnalyticsExporter's machinery.
+
+RpcBatchExporter keeps AnalyticsExporter's bounded queue, size/interval flushing and
+bounded close, and swaps only the send: any async `send(items)` that raises
+grpc.aio.AioRpcError to be retried. Two users:
+
+- the gateway's CandidateExporter: every completion becomes an active-learning candidate
+  (SubmitCandidates, grouped by tenant; candidate ids are completion ids, so a retried
+  batch is stored once);
+- the active-learning service's feedback forwarder (RecordOutcomes to experiments).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+import prometheus_client
+
+from gateway.analytics_exporter import AnalyticsExporter
+from loraplex.activelearning.v1 import activelearning_service_pb2 as alpb
+from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
+from loraplex.common.v1 import common_pb2
+from loraplex.inference.v1 import inference_service_pb2 as ipb
+
+log = logging.getLogger(__name__)
+
+ITEMS = prometheus_client.Counter(
+    "loraplex_batch_export_items_total",
+    "Items sent off the request path by exporter and outcome: sent, rejected (by the "
+    "receiving service), dropped (queue full or retries exhausted).",
+    ["exporter", "outcome"],
+)
+
+# send(items) -> (accepted, rejected) counts
+Send = Callable[[list[Any]], Awaitable[tuple[int, int]]]
+
+
+class RpcBatchExporter(AnalyticsExporter):
+    def __init__(self, channel: grpc.aio.Channel, send: Send, *, name: str, **options: Any):
+        super().__init__(channel, **options)
+        self.name = name
+        self._send_items = send
+
+    async def _send(self, items: list[Any]) -> None:
+        delay = 0.1
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                accepted, rejected = await self._send_items(items)
+                break
+            except grpc.aio.AioRpcError as err:
+                final = err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                if final or attempt == self._max_attempts:
+                    self._drop(len(items), f"send failed: {err.code().name}")
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        ITEMS.labels(self.name, "sent").inc(accepted)
+        ITEMS.labels(self.name, "rejected").inc(rejected)
+
+    def _drop(self, count: int, why: str) -> None:
+        if count:
+            self.dropped += count
+            ITEMS.labels(self.name, "dropped").inc(count)
+            log.warning(
+                "exported items dropped",
+                extra={"exporter": self.name, "count": count, "reason": why},
+            )
+
+
+def prompt_text(prompt: str, messages: Sequence[ipb.ChatMessage]) -> str:
+    """The prompt a reviewer sees: the completion prompt, or the chat as "role: content"
+    lines (the model's own chat template is the inference service's business)."""
+    return prompt or "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+
+def candidate_from_reply(
+    request_id: str,
+    prompt: str,
+    reply: ipb.GenerateResponse,
+    base_model: str,
+    experiment: str = "",
+    variant: str = "",
+    unit_id: str = "",
+) -> alpb.Candidate:
+    served = reply.adapter if reply.adapter.name else common_pb2.AdapterRef(name=base_model)
+    return alpb.Candidate(
+        id=request_id,
+        prompt=prompt,
+        output=reply.text,
+        adapter=served,
+        experiment=experiment,
+        variant=variant,
+        unit_id=unit_id if experiment else "",
+        token_logprobs=reply.token_logprobs,
+        token_entropies=reply.token_entropies,
+    )
+
+
+class CandidateExporter(RpcBatchExporter):
+    """record((tenant, candidate)) never blocks; batches go out as SubmitCandidates."""
+
+    def __init__(self, channel: grpc.aio.Channel, **options: Any) -> None:
+        self._stub_al = alpb_grpc.ActiveLearningServiceStub(channel)
+        super().__init__(channel, self._submit, name="candidates", **options)
+
+    def completion(
+        self,
+        tenant: str,
+        request: ipb.GenerateRequest,
+        reply: ipb.GenerateResponse,
+        route: Any,
+        base_model: str,
+    ) -> None:
+        """One served completion (route: openai_routes.Route) as a candidate. Outputs
+        without generated tokens have nothing to score and are not sent."""
+        if not reply.token_logprobs or not reply.text.strip():
+            return
+        labels = (route.experiment, route.variant) if route.in_experiment else ("", "")
+        candidate = candidate_from_reply(
+            request.request_id,
+            prompt_text(request.prompt, request.messages),
+            reply,
+            base_model,
+            *labels,
+            getattr(route, "unit", ""),
+        )
+        self.record((tenant, candidate))
+
+    async def _submit(self, items: list[tuple[str, alpb.Candidate]]) -> tuple[int, int]:
+        by_tenant: dict[str, list[alpb.Candidate]] = defaultdict(list)
+        for tenant, candidate in items:
+            by_tenant[tenant].append(candidate)
+        accepted = rejected = 0
+        for tenant, candidates in by_tenant.items():
+            reply = await self._stub_al.SubmitCandidates(
+                alpb.SubmitCandidatesRequest(tenant=tenant, candidates=candidates),
+                timeout=self._timeout,
+            )
+            accepted += reply.accepted + reply.duplicates
+            rejected += len(reply.rejected)
+        return accepted, rejected

@@ -1,0 +1,1 @@
+"""Active-learning service: uncertainty scores, batch selection, the feedback queue, export."""

@@ -1,0 +1,34 @@
+"""Builds the active-learning gRPC server: the domain core behind its servicer."""
+
+from __future__ import annotations
+
+import grpc
+import redis.asyncio as aioredis
+
+from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as pb_grpc
+from services.activelearning.core import ActiveLearningCore
+from services.activelearning.forward import FeedbackForwarder
+from services.activelearning.servicer import SERVICE_NAME, ActiveLearningServicer
+from services.activelearning.settings import ActiveLearningSettings
+from services.common.server import Server, ServiceSpec
+
+
+def create_server(
+    settings: ActiveLearningSettings,
+    redis: aioredis.Redis,
+    *,
+    analytics_channel: grpc.aio.Channel | None = None,
+    experiments_channel: grpc.aio.Channel | None = None,
+) -> tuple[Server, ActiveLearningCore]:
+    """Not started: `await server.start()`, `core.forwarder.start()` when there is one,
+    then (once Redis answers) `await server.set_ready()`."""
+    forwarder = None
+    if analytics_channel is not None or experiments_channel is not None:
+        forwarder = FeedbackForwarder(analytics_channel, experiments_channel)
+    core = ActiveLearningCore(settings, redis, forwarder)
+    spec = ServiceSpec(
+        SERVICE_NAME,
+        ActiveLearningServicer(core),
+        pb_grpc.add_ActiveLearningServiceServicer_to_server,
+    )
+    return Server(settings, [spec]), core

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from services.common.settings import ServiceSettings
+
+
+class ActiveLearningSettings(ServiceSettings):
+    yaml_name = "activelearning"
+
+    port: int = 50054
+    metrics_port: int = 9154
+    # Method used where a request names none (and for the queue order of auto-queued items).
+    default_method: str = "entropy"
+    # Every submitted candidate enters the feedback queue at once, by its uncertainty.
+    auto_enqueue: bool = True
+    reviews_per_item: int = 1
+    lease_seconds: float = 600.0
+    max_batch_candidates: int = 1_000
+    # SelectUncertain considers at most this many open candidates (the newest).
+    max_select_pool: int = 200_000
+    hybrid_pool_factor: int = 10
+    # Cosine similarity (of embeddings) at or above which a candidate is a near-duplicate.
+    duplicate_threshold: float = 0.9
+    # Size of the server's hashed n-gram text embeddings.
+    embedding_dim: int = 256
+    max_text_chars: int = 32_000
+    # Candidates and their feedback records expire after this long.
+    retention_seconds: int = 30 * 24 * 3600
+    export_max_records: int = 100_000
+    # host:port of the analytics / experiments services; unset: feedback is not forwarded.
+    analytics_addr: str | None = None
+    experiments_addr: str | None = None
