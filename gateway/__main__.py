@@ -8,8 +8,9 @@ from contextlib import AsyncExitStack
 
 import uvicorn
 
-from gateway.app import create_app, open_channel
+from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from services.common.channels import open_channel
 from services.common.logs import setup_logging
 from services.common.redis import EmbeddedRedis, connect
 

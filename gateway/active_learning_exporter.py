@@ -1,75 +1,25 @@
-"""Off-the-request-path batch senders for active learning, on AnalyticsExporter's machinery.
-
-RpcBatchExporter keeps AnalyticsExporter's bounded queue, size/interval flushing and
-bounded close, and swaps only the send: any async `send(items)` that raises
-grpc.aio.AioRpcError to be retried. Two users:
-
-- the gateway's CandidateExporter: every completion becomes an active-learning candidate
-  (SubmitCandidates, grouped by tenant; candidate ids are completion ids, so a retried
-  batch is stored once);
-- the active-learning service's feedback forwarder (RecordOutcomes to experiments).
+"""The gateway's CandidateExporter: every completion becomes an active-learning candidate,
+sent off the request path (SubmitCandidates, grouped by tenant; candidate ids are
+completion ids, so a retried batch is stored once), on RpcBatchExporter's machinery
+(services/common/analytics_exporter.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
-import prometheus_client
 
-from gateway.analytics_exporter import AnalyticsExporter
 from loraplex.activelearning.v1 import activelearning_service_pb2 as alpb
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as ipb
+from services.common.analytics_exporter import RpcBatchExporter
 
 log = logging.getLogger(__name__)
-
-ITEMS = prometheus_client.Counter(
-    "loraplex_batch_export_items_total",
-    "Items sent off the request path by exporter and outcome: sent, rejected (by the "
-    "receiving service), dropped (queue full or retries exhausted).",
-    ["exporter", "outcome"],
-)
-
-# send(items) -> (accepted, rejected) counts
-Send = Callable[[list[Any]], Awaitable[tuple[int, int]]]
-
-
-class RpcBatchExporter(AnalyticsExporter):
-    def __init__(self, channel: grpc.aio.Channel, send: Send, *, name: str, **options: Any):
-        super().__init__(channel, **options)
-        self.name = name
-        self._send_items = send
-
-    async def _send(self, items: list[Any]) -> None:
-        delay = 0.1
-        for attempt in range(1, self._max_attempts + 1):
-            try:
-                accepted, rejected = await self._send_items(items)
-                break
-            except grpc.aio.AioRpcError as err:
-                final = err.code() == grpc.StatusCode.INVALID_ARGUMENT
-                if final or attempt == self._max_attempts:
-                    self._drop(len(items), f"send failed: {err.code().name}")
-                    return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        ITEMS.labels(self.name, "sent").inc(accepted)
-        ITEMS.labels(self.name, "rejected").inc(rejected)
-
-    def _drop(self, count: int, why: str) -> None:
-        if count:
-            self.dropped += count
-            ITEMS.labels(self.name, "dropped").inc(count)
-            log.warning(
-                "exported items dropped",
-                extra={"exporter": self.name, "count": count, "reason": why},
-            )
 
 
 def prompt_text(prompt: str, messages: Sequence[ipb.ChatMessage]) -> str:

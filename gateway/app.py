@@ -23,19 +23,6 @@ from gateway.deps import Gateway
 from gateway.errors import install_error_handlers
 from gateway.middleware import BodyLimitMiddleware, MetricsMiddleware, UnhandledErrorMiddleware
 from gateway.settings import GatewaySettings
-from services.common.server import MAX_MESSAGE_BYTES
-
-
-def open_channel(addr: str) -> grpc.aio.Channel:
-    """An insecure channel to a service that can carry whole adapter uploads
-    (gRPC's default limit is 4 MiB a message). Call it inside the event loop that uses it."""
-    return grpc.aio.insecure_channel(
-        addr,
-        options=[
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ],
-    )
 
 
 def create_app(

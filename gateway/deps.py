@@ -18,7 +18,6 @@ from grpc_health.v1 import health_pb2_grpc
 
 from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
-from gateway.analytics_exporter import AnalyticsExporter
 from gateway.keys import TenantKeyStore
 from gateway.settings import GatewaySettings
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
@@ -26,6 +25,7 @@ from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.analytics_exporter import AnalyticsExporter
 from services.common.errors import Unauthenticated, Unavailable
 
 

@@ -96,11 +96,12 @@ def error_response(
     message: str,
     details: Iterable[dict[str, Any]] = (),
     headers: dict[str, str] | None = None,
+    status: str | None = None,
 ) -> JSONResponse:
     body = {
         "error": {
             "code": http,
-            "status": status_name(http),
+            "status": status or status_name(http),
             "message": message,
             "details": list(details),
         }
@@ -136,7 +137,8 @@ def rpc_error_response(err: grpc.aio.AioRpcError, path: str = "") -> JSONRespons
             extra={"grpc_code": code.name, "grpc_message": message, "path": path},
         )
         message = _GENERIC_MESSAGE.get(code, INTERNAL_MESSAGE)
-    return error_response(http, message, details)
+    # The gRPC code names the status (FAILED_PRECONDITION and INVALID_ARGUMENT share 400).
+    return error_response(http, message, details, status=code.name)
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:

@@ -17,7 +17,6 @@ import grpc
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from gateway.analytics_exporter import completion_event
 from gateway.deps import Gateway, GatewayDep, TenantDep
 from gateway.openai_schemas import (
     ChatCompletionRequest,
@@ -29,6 +28,7 @@ from gateway.protojson import proto_to_json
 from loraplex.common.v1 import common_pb2
 from loraplex.experiments.v1 import experiments_service_pb2 as xpb
 from loraplex.inference.v1 import inference_service_pb2 as pb
+from services.common.analytics_exporter import completion_event
 from services.common.errors import InvalidArgument
 
 router = APIRouter(prefix="/v1", tags=["openai"])

@@ -4,10 +4,10 @@ import asyncio
 
 import redis.asyncio as aioredis
 
-from gateway.app import open_channel
 from services.activelearning.app import create_server
 from services.activelearning.core import ActiveLearningCore
 from services.activelearning.settings import ActiveLearningSettings
+from services.common.channels import open_channel
 from services.common.runner import run_service
 from services.common.server import Server
 

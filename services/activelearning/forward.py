@@ -18,13 +18,12 @@ from collections import defaultdict
 
 import grpc
 
-from gateway.active_learning_exporter import RpcBatchExporter
-from gateway.analytics_exporter import AnalyticsExporter
 from loraplex.analytics.v1 import analytics_service_pb2 as apb
 from loraplex.common.v1 import common_pb2
 from loraplex.experiments.v1 import experiments_service_pb2 as xpb
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from services.activelearning.queue import Item
+from services.common.analytics_exporter import AnalyticsExporter, RpcBatchExporter
 
 _SKIPPED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 

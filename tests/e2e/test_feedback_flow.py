@@ -8,6 +8,7 @@ import json
 import time
 import uuid
 
+import datasets
 import httpx
 import openai
 import pytest
@@ -87,6 +88,13 @@ def test_outputs_are_queued_by_uncertainty_reviewed_and_exported(stack):
         assert reply.status_code == 200
         rows[fmt] = [json.loads(line) for line in reply.text.splitlines()]
         assert all(set(r) == fields for r in rows[fmt])
+        # What TRL's trainers read: the export as it came over HTTP, through `datasets`.
+        saved = stack.run_dir / f"export.{fmt}.jsonl"
+        saved.write_text(reply.text)
+        loaded = datasets.load_dataset(
+            "json", data_files=str(saved), split="train", cache_dir=str(stack.run_dir / "hf")
+        )
+        assert set(loaded.column_names) == fields and [dict(r) for r in loaded] == rows[fmt]
     by_id = {lease["item"]["id"]: lease["item"] for lease in leases}
     assert len(rows["sft"]) == 3  # rated 5, thumbs up, the correction
     assert rows["dpo"] == [

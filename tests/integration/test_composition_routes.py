@@ -10,11 +10,12 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.app import create_app, open_channel
+from gateway.app import create_app
 from gateway.keys import TenantKeyStore
 from gateway.settings import GatewaySettings
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
+from services.common.channels import open_channel
 from services.common.redis import connect
 from tests.helpers import DEMO_ADAPTERS, adapter_files
 from tests.unit.gateway.fake_inference import assert_error
@@ -86,9 +87,8 @@ def reason(error: dict) -> str:
     return error["details"][0]["reason"]
 
 
-# The gateway names an error body's status after its HTTP status (gateway/errors.py), so a
-# refused swap (gRPC FAILED_PRECONDITION) reads 400 "INVALID_ARGUMENT"; its reason says why.
-REFUSED = (400, "INVALID_ARGUMENT")
+# A refused swap is gRPC FAILED_PRECONDITION: HTTP 400 with that status; its reason says why.
+REFUSED = (400, "FAILED_PRECONDITION")
 
 
 async def test_swap_and_rollback_through_the_gateway(client, stub, new_tenant):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import grpc
 import pytest
 
-from gateway.app import open_channel
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as pb_grpc
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from services.activelearning.app import create_server
@@ -17,6 +16,7 @@ from services.activelearning.core import ActiveLearningCore
 from services.activelearning.settings import ActiveLearningSettings
 from services.analytics.app import create_server as create_analytics
 from services.analytics.settings import AnalyticsSettings
+from services.common.channels import open_channel
 from services.common.redis import connect
 from services.common.server import Server
 from services.experiments.app import create_server as create_experiments

@@ -16,11 +16,12 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.app import create_app, open_channel
+from gateway.app import create_app
 from gateway.keys import TenantKeyStore
 from gateway.ops_routes import INFERENCE_SERVICE
 from loraplex.inference.v1 import inference_service_pb2 as ipb
 from loraplex.inference.v1 import inference_service_pb2_grpc as ipb_grpc
+from services.common.channels import open_channel
 from services.common.server import Server, ServiceSpec
 from services.common.settings import ServiceSettings
 from tests.unit.gateway.fake_inference import (
@@ -153,7 +154,9 @@ async def test_completions_queue_by_uncertainty_and_reviewers_answer_over_rest(
     other = await client.post(
         "/feedback", headers=shop, json=body(leases[0], rating=3) | {"reviewer": "mallory"}
     )
-    assert assert_error(other, 400, "INVALID_ARGUMENT")["details"][0]["reason"] == "LEASE_NOT_HELD"
+    assert (
+        assert_error(other, 400, "FAILED_PRECONDITION")["details"][0]["reason"] == "LEASE_NOT_HELD"
+    )
 
     answers = [
         body(leases[0], rating=5),
@@ -166,7 +169,7 @@ async def test_completions_queue_by_uncertainty_and_reviewers_answer_over_rest(
         assert reply.status_code == 200, reply.text
         assert reply.json()["closed"] is True and reply.json()["feedback_id"]
     again = await client.post("/feedback", headers=shop, json=answers[0])
-    assert assert_error(again, 400, "INVALID_ARGUMENT")["details"][0]["reason"] == "ITEM_CLOSED"
+    assert assert_error(again, 400, "FAILED_PRECONDITION")["details"][0]["reason"] == "ITEM_CLOSED"
 
     exported = {}
     for fmt in ("sft", "dpo", "kto"):

@@ -1,9 +1,5 @@
-"""TRL dataset export: which feedback becomes which row, and the exact JSONL schema.
-
-`datasets` is not installed in this project's environment, so instead of
-datasets.load_dataset("json", ...) these tests check what its JSON builder needs: one JSON
-object per line, every line with the same keys and value types (the format's columns,
-nothing else), UTF-8, no blank lines."""
+"""TRL dataset export: which feedback becomes which row, the exact JSONL schema, and that
+`datasets.load_dataset("json", ...)` (what TRL's trainers read) loads each format."""
 
 from __future__ import annotations
 
@@ -89,3 +85,15 @@ def test_unknown_format():
     with pytest.raises(InvalidArgument) as err:
         parse_format("csv")
     assert err.value.reason == "UNKNOWN_FORMAT"
+
+
+@pytest.mark.parametrize("fmt", list(DatasetFormat))
+def test_datasets_loads_each_format_with_its_columns(fmt, tmp_path):
+    import datasets  # a dev dependency; imported here since it is slow to import
+    path = tmp_path / f"{fmt.name.lower()}.jsonl"
+    path.write_bytes(to_jsonl(rows(RECORDS, fmt)))
+    loaded = datasets.load_dataset(
+        "json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    assert sorted(loaded.column_names) == sorted(FIELDS[fmt])
+    assert [dict(r) for r in loaded] == parse(path.read_bytes())

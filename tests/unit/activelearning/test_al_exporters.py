@@ -6,15 +6,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from gateway.active_learning_exporter import (
-    CandidateExporter,
-    RpcBatchExporter,
-    candidate_from_reply,
-    prompt_text,
-)
-from gateway.app import open_channel
+from gateway.active_learning_exporter import CandidateExporter, candidate_from_reply, prompt_text
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as ipb
+from services.common.analytics_exporter import RpcBatchExporter
+from services.common.channels import open_channel
 from services.common.localhost import free_port
 
 

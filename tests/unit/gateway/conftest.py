@@ -10,8 +10,9 @@ import pytest
 import redis.asyncio as aioredis
 from fastapi import FastAPI
 
-from gateway.app import create_app, open_channel
+from gateway.app import create_app
 from gateway.keys import TenantKeyStore
+from services.common.channels import open_channel
 from tests.unit.gateway.fake_inference import (
     ADMIN_KEY,
     FakeInference,

@@ -8,11 +8,11 @@ import time
 import grpc
 import pytest
 
-from gateway.analytics_exporter import AnalyticsExporter, completion_event
-from gateway.app import open_channel
 from loraplex.analytics.v1 import analytics_service_pb2 as apb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.common.v1 import common_pb2
+from services.common.analytics_exporter import AnalyticsExporter, completion_event
+from services.common.channels import open_channel
 from services.common.errors import Unavailable
 from services.common.localhost import free_port
 from services.common.server import Server, ServiceSpec

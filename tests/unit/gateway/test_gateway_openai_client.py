@@ -11,8 +11,9 @@ from contextlib import contextmanager
 import openai
 import uvicorn
 
-from gateway.app import create_app, open_channel
+from gateway.app import create_app
 from gateway.settings import GatewaySettings
+from services.common.channels import open_channel
 from services.common.redis import connect
 from tests.unit.gateway.fake_inference import (
     BASE_MODEL,

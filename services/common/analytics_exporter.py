@@ -1,4 +1,6 @@
-"""Hands one analytics event per completion to the analytics service, off the request path.
+"""Batch senders off the request path: analytics events, and any other RPC batch.
+
+AnalyticsExporter hands one analytics event per completion to the analytics service.
 
 record() only appends to a bounded in-memory queue; one background task sends batches
 (flushed by size or interval) with RecordBatch, retrying with backoff under the same batch
@@ -13,6 +15,8 @@ import contextlib
 import logging
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import prometheus_client
@@ -140,3 +144,50 @@ class AnalyticsExporter:
             self.dropped += count
             EVENTS.labels("dropped").inc(count)
             log.warning("analytics events dropped", extra={"count": count, "reason": why})
+
+
+ITEMS = prometheus_client.Counter(
+    "loraplex_batch_export_items_total",
+    "Items sent off the request path by exporter and outcome: sent, rejected (by the "
+    "receiving service), dropped (queue full or retries exhausted).",
+    ["exporter", "outcome"],
+)
+
+# send(items) -> (accepted, rejected) counts
+Send = Callable[[list[Any]], Awaitable[tuple[int, int]]]
+
+
+class RpcBatchExporter(AnalyticsExporter):
+    """AnalyticsExporter's bounded queue, size/interval flushing and bounded close, with
+    another send: any async `send(items)` that raises grpc.aio.AioRpcError to be retried
+    (the gateway's active-learning candidates, the feedback forwarder's outcomes)."""
+
+    def __init__(self, channel: grpc.aio.Channel, send: Send, *, name: str, **options: Any):
+        super().__init__(channel, **options)
+        self.name = name
+        self._send_items = send
+
+    async def _send(self, items: list[Any]) -> None:
+        delay = 0.1
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                accepted, rejected = await self._send_items(items)
+                break
+            except grpc.aio.AioRpcError as err:
+                final = err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                if final or attempt == self._max_attempts:
+                    self._drop(len(items), f"send failed: {err.code().name}")
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        ITEMS.labels(self.name, "sent").inc(accepted)
+        ITEMS.labels(self.name, "rejected").inc(rejected)
+
+    def _drop(self, count: int, why: str) -> None:
+        if count:
+            self.dropped += count
+            ITEMS.labels(self.name, "dropped").inc(count)
+            log.warning(
+                "exported items dropped",
+                extra={"exporter": self.name, "count": count, "reason": why},
+            )
