@@ -4,7 +4,7 @@ from services.common.settings import ServiceSettings
 
 
 class ActiveLearningSettings(ServiceSettings):
-    yaml_name = "activelearning"
+    yaml_name = "active_learning"
 
     port: int = 50054
     metrics_port: int = 9154
