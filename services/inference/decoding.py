@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from services.inference.lora import LoraWeights
+from services.inference.lora_batch import LoraBatch
 
 if TYPE_CHECKING:
     from services.inference.engine import Engine
@@ -166,7 +167,7 @@ class DecodeBatch:
         self._cache = None  # transformers Cache, batch dim = rows
         self._mask: torch.Tensor | None = None  # (rows, columns): 1 = real token
         self._next: torch.Tensor | None = None  # (rows, 1): each row's next input token
-        self._lora = None  # LoraBatch for the current rows
+        self._lora: LoraBatch | None = None  # per-row adapters of the current rows
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -186,7 +187,8 @@ class DecodeBatch:
             seq.started_at = seq.started_at or time.perf_counter()
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with engine.adapters([s.adapter for s in sequences]):
+        lora = engine.lora_batch([s.adapter for s in sequences])
+        with engine.applying(lora):
             out = engine.model(
                 input_ids=ids,
                 attention_mask=mask,
@@ -195,7 +197,7 @@ class DecodeBatch:
                 logits_to_keep=1,
             )
         tokens = self._sample(sequences, out.logits[:, -1])
-        self._merge(list(sequences), out.cache, mask, tokens)
+        self._merge(list(sequences), out.cache, mask, tokens, lora)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -205,8 +207,7 @@ class DecodeBatch:
         engine = self.engine
         mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
-        engine._active = self._lora
-        try:
+        with engine.applying(self._lora):
             out = engine.model(
                 input_ids=self._next,
                 attention_mask=mask,
@@ -215,8 +216,6 @@ class DecodeBatch:
                 use_cache=True,
                 logits_to_keep=1,
             )
-        finally:
-            engine._active = None
         self._cache, self._mask = out.cache, mask
         self._next = self._sample(self.rows, out.logits[:, -1]).unsqueeze(1)
 
@@ -234,6 +233,7 @@ class DecodeBatch:
         index = torch.tensor(keep, device=self.engine.device)
         self._cache.batch_select_indices(index)
         self._mask, self._next = self._mask[index], self._next[index]
+        self._lora = self._lora.select(index)
         self.rows = [self.rows[i] for i in keep]
         # Columns that are padding in every remaining row are dead weight: cut them.
         dead = int((self._mask.cumsum(-1) == 0).all(0).sum())
@@ -241,12 +241,13 @@ class DecodeBatch:
             self._mask = self._mask[:, dead:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, dead:], layer.values[:, :, dead:]
-        self._lora = self.engine.lora_batch([s.adapter for s in self.rows])
         return gone
 
-    def _merge(self, new: list[DecodeSequence], cache, mask: torch.Tensor, tokens) -> None:
+    def _merge(
+        self, new: list[DecodeSequence], cache, mask: torch.Tensor, tokens, lora: LoraBatch
+    ) -> None:
         if not self.rows:
-            self.rows, self._cache, self._mask = new, cache, mask
+            self.rows, self._cache, self._mask, self._lora = new, cache, mask, lora
             self._next = tokens.unsqueeze(1)
         else:
             width = max(self._mask.shape[1], mask.shape[1])
@@ -257,8 +258,8 @@ class DecodeBatch:
                     [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
                 )
             self._next = torch.cat([self._next, tokens.unsqueeze(1)])
+            self._lora = self._lora.concat(lora)
             self.rows = self.rows + new
-        self._lora = self.engine.lora_batch([s.adapter for s in self.rows])
 
     def _sample(self, rows: Sequence[DecodeSequence], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token and record its statistics. Uncertainty is measured on

@@ -88,25 +88,28 @@ class Engine:
 
     def _lora_hook(self, name: str):
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor):
-            batch = self._active
-            delta = batch.delta(name, args[0]) if batch is not None else None
-            return None if delta is None else output + delta.to(output.dtype)
+            if self._active is not None:
+                self._active.add_to(name, args[0], output)
 
         return hook
 
-    def lora_batch(self, row_adapters: list[LoraWeights | None]) -> LoraBatch | None:
-        if all(a is None for a in row_adapters):
-            return None
-        return LoraBatch(row_adapters, self.linear_shapes, dtype=self.dtype, device=self.device)
+    def lora_batch(self, row_adapters: list[LoraWeights | None]) -> LoraBatch:
+        return LoraBatch.build(
+            row_adapters, self.linear_shapes, dtype=self.dtype, device=self.device
+        )
 
     @contextmanager
-    def adapters(self, row_adapters: list[LoraWeights | None]) -> Iterator[None]:
-        """Apply these adapters, one per batch row, to forward passes inside the block."""
-        self._active = self.lora_batch(row_adapters)
+    def applying(self, lora: LoraBatch) -> Iterator[None]:
+        """Apply these per-row adapters to forward passes inside the block."""
+        self._active = lora
         try:
             yield
         finally:
             self._active = None
+
+    def adapters(self, row_adapters: list[LoraWeights | None]):
+        """Apply these adapters, one per batch row, to forward passes inside the block."""
+        return self.applying(self.lora_batch(row_adapters))
 
     # -- tokenization -------------------------------------------------------------------
 

@@ -6,14 +6,19 @@ nothing), with each adapter's scaling folded into B. A module an adapter does no
 gets zeros in that adapter's rows; a row without an adapter gets zeros everywhere. Then
 each layer's delta for the whole batch is two batched matmuls (the BGMV idea of Punica /
 S-LoRA), not a Python loop over adapters.
+
+Continuous batching changes the rows between two decode steps: `select` (rows leave) and
+`concat` (prefilled rows join) derive the new stacks from the current ones instead of
+gathering every adapter again.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
+from torch.nn import functional
 
 from services.inference.lora import LinearShape, LoraWeights
 
@@ -24,45 +29,102 @@ class _Stacked:
     b_t: torch.Tensor  # (rows, r_max, out_features): scaling * B transposed, per row
 
 
+@dataclass(frozen=True)
 class LoraBatch:
-    def __init__(
-        self,
+    rows: int
+    shapes: dict[str, LinearShape]
+    dtype: torch.dtype
+    device: torch.device | str
+    # One adapter for every row: applied directly, no stacks.
+    single: LoraWeights | None = None
+    modules: dict[str, _Stacked] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
         row_adapters: Sequence[LoraWeights | None],
         shapes: dict[str, LinearShape],
         *,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
-    ) -> None:
-        self.rows = len(row_adapters)
-        distinct = {id(a): a for a in row_adapters if a is not None}
-        # One adapter for every row: apply its factors directly, no gather.
-        self.single = (
-            next(iter(distinct.values()))
-            if len(distinct) == 1 and all(a is not None for a in row_adapters)
-            else None
-        )
-        self.modules: dict[str, _Stacked] = {}
-        if self.single is not None or not distinct:
-            return
-        adapters = list(distinct.values())
+    ) -> LoraBatch:
+        base = cls(len(row_adapters), shapes, dtype, device)
+        distinct = list({id(a): a for a in row_adapters if a is not None}.values())
+        if len(distinct) == 1 and all(a is not None for a in row_adapters):
+            return replace(base, single=distinct[0])
         # Row -> slot in the stacks below; slot 0 is all zeros (a row without an adapter).
-        slot_of = {id(a): i + 1 for i, a in enumerate(adapters)}
+        slot_of = {id(a): i + 1 for i, a in enumerate(distinct)}
         rows = torch.tensor([slot_of[id(a)] if a is not None else 0 for a in row_adapters])
         rows = rows.to(device)
-        for name in sorted({n for a in adapters for n in a.modules}):
+        for name in sorted({n for a in distinct for n in a.modules}):
             shape = shapes[name]
-            rank = max(a.modules[name].a.shape[0] for a in adapters if name in a.modules)
-            slots = len(adapters) + 1
+            rank = max(a.modules[name].a.shape[0] for a in distinct if name in a.modules)
+            slots = len(distinct) + 1
             a_t = torch.zeros(slots, shape.in_features, rank, dtype=dtype, device=device)
             b_t = torch.zeros(slots, rank, shape.out_features, dtype=dtype, device=device)
-            for slot, adapter in enumerate(adapters, start=1):
+            for slot, adapter in enumerate(distinct, start=1):
                 lora = adapter.modules.get(name)
                 if lora is not None:
                     r = lora.a.shape[0]
                     a_t[slot, :, :r] = lora.a.T
                     b_t[slot, :r, :] = lora.b.T * lora.scaling
             # One copy per distinct adapter above, then one gather for all rows.
-            self.modules[name] = _Stacked(a_t[rows], b_t[rows])
+            base.modules[name] = _Stacked(a_t[rows], b_t[rows])
+        return base
+
+    def select(self, index: torch.Tensor) -> LoraBatch:
+        """The rows at `index`, in that order."""
+        modules = {n: _Stacked(s.a_t[index], s.b_t[index]) for n, s in self.modules.items()}
+        return replace(self, rows=len(index), modules=modules)
+
+    def concat(self, other: LoraBatch) -> LoraBatch:
+        """These rows followed by `other`'s."""
+        if self.single is not None and self.single is other.single:
+            return replace(self, rows=self.rows + other.rows)
+        modules = {}
+        for name in sorted(self._names() | other._names()):
+            mine, theirs = self._stacked(name), other._stacked(name)
+            rank = max(s.a_t.shape[2] for s in (mine, theirs) if s is not None)
+            a_parts, b_parts = [], []
+            for stacked, owner in ((mine, self), (theirs, other)):
+                stacked = stacked or owner._zeros(name, rank)
+                pad = rank - stacked.a_t.shape[2]
+                a_parts.append(functional.pad(stacked.a_t, (0, pad)))
+                b_parts.append(functional.pad(stacked.b_t, (0, 0, 0, pad)))
+            modules[name] = _Stacked(torch.cat(a_parts), torch.cat(b_parts))
+        return replace(self, rows=self.rows + other.rows, single=None, modules=modules)
+
+    def _names(self) -> set[str]:
+        return set(self.single.modules) if self.single is not None else set(self.modules)
+
+    def _stacked(self, name: str) -> _Stacked | None:
+        """Module `name`'s per-row stacks (expanded views for the one-adapter form)."""
+        if self.single is None:
+            return self.modules.get(name)
+        lora = self.single.modules.get(name)
+        if lora is None:
+            return None
+        a_t = lora.a.T.to(self.dtype).expand(self.rows, -1, -1)
+        b_t = (lora.b.T * lora.scaling).to(self.dtype).expand(self.rows, -1, -1)
+        return _Stacked(a_t, b_t)
+
+    def _zeros(self, name: str, rank: int) -> _Stacked:
+        shape, like = self.shapes[name], {"dtype": self.dtype, "device": self.device}
+        return _Stacked(
+            torch.zeros(self.rows, shape.in_features, rank, **like),
+            torch.zeros(self.rows, rank, shape.out_features, **like),
+        )
+
+    def add_to(self, name: str, x: torch.Tensor, output: torch.Tensor) -> None:
+        """output += module `name`'s LoRA contribution for input x, in place (the output
+        is the base layer's fresh result, which nothing else holds yet)."""
+        stacked = self.modules.get(name) if self.single is None else None
+        if stacked is not None:  # the common case, fused: output + (x Aᵀ) Bᵀ in one kernel
+            output.baddbmm_(torch.bmm(x.to(stacked.a_t.dtype), stacked.a_t), stacked.b_t)
+            return
+        delta = self.delta(name, x)
+        if delta is not None:
+            output.add_(delta.to(output.dtype))
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA contribution to module `name`'s output for input x (rows, seq, in)."""

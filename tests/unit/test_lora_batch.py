@@ -1,0 +1,67 @@
+"""LoraBatch.select and .concat (rows leaving and joining a running batch) give the same
+per-row LoRA as gathering the new rows from scratch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.inference.engine import Engine
+from services.inference.lora_batch import LoraBatch
+from services.inference.settings import InferenceSettings
+from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, load_lora_weights
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine(InferenceSettings().model_dir, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def demo(engine):
+    return {t: load_lora_weights(DEMO_ADAPTERS / t, engine.linear_shapes) for t in DEMO_TENANTS}
+
+
+def same_deltas(engine: Engine, got: LoraBatch, expected: LoraBatch) -> None:
+    assert got.rows == expected.rows
+    generator = torch.Generator().manual_seed(0)
+    for name, shape in engine.linear_shapes.items():
+        x = torch.randn(got.rows, 3, shape.in_features, generator=generator)
+        ours, theirs = got.delta(name, x), expected.delta(name, x)
+        if theirs is None:
+            assert ours is None or not ours.abs().any(), name
+        else:
+            assert ours is not None, name
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("rows", "keep"),
+    [
+        (["retailer", None, "bank", "airline", "retailer"], [4, 2, 1]),
+        (["bank", "bank", "bank"], [2, 0]),  # one adapter everywhere
+        (["airline", None], [1]),  # only a row without adapter is left
+    ],
+)
+def test_select_equals_building_the_kept_rows(engine, demo, rows, keep):
+    adapters = [demo.get(r) for r in rows]
+    built = engine.lora_batch(adapters)
+    kept = built.select(torch.tensor(keep))
+    same_deltas(engine, kept, engine.lora_batch([adapters[i] for i in keep]))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (["retailer", None], ["bank", "airline"]),  # ranks 8 and 16, different modules
+        (["bank"], ["bank", "bank"]),  # the same single adapter on both sides
+        (["bank"], ["airline"]),  # two different single adapters
+        ([None, None], ["retailer"]),  # rows without adapters, then one
+        (["airline", "retailer"], [None]),
+    ],
+)
+def test_concat_equals_building_all_rows(engine, demo, first, second):
+    one = engine.lora_batch([demo.get(r) for r in first])
+    two = engine.lora_batch([demo.get(r) for r in second])
+    joined = one.concat(two)
+    same_deltas(engine, joined, engine.lora_batch([demo.get(r) for r in first + second]))
