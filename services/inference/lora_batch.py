@@ -29,6 +29,14 @@ class _Stacked:
     b_t: torch.Tensor  # (rows, r_max, out_features): scaling * B transposed, per row
 
 
+# Sibling layers that read the same input in Llama-style blocks (and most others). Their A
+# factors are multiplied with that input in one batched matmul instead of one each; an
+# architecture where this does not hold still gets the right result (the shared product is
+# reused only for the very same input tensor), just without the saving.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_GROUP_OF = {member: group for group in SHARED_INPUT for member in group}
+
+
 @dataclass(frozen=True)
 class LoraBatch:
     rows: int
@@ -38,6 +46,15 @@ class LoraBatch:
     # One adapter for every row: applied directly, no stacks.
     single: LoraWeights | None = None
     modules: dict[str, _Stacked] = field(default_factory=dict)
+    # Per group of siblings: (A stacks side by side, member -> its columns), built on first
+    # use (None: fewer than two members here); and the input being served with its product
+    # and the members yet to take theirs (dropped by the last, so no activation lingers).
+    _groups: dict[str, tuple[torch.Tensor, dict[str, slice]] | None] = field(
+        init=False, default_factory=dict, repr=False, compare=False
+    )
+    _pending: dict[str, tuple[torch.Tensor, torch.Tensor, set[str]]] = field(
+        init=False, default_factory=dict, repr=False, compare=False
+    )
 
     @classmethod
     def build(
@@ -119,12 +136,47 @@ class LoraBatch:
         """output += module `name`'s LoRA contribution for input x, in place (the output
         is the base layer's fresh result, which nothing else holds yet)."""
         stacked = self.modules.get(name) if self.single is None else None
-        if stacked is not None:  # the common case, fused: output + (x Aᵀ) Bᵀ in one kernel
-            output.baddbmm_(torch.bmm(x.to(stacked.a_t.dtype), stacked.a_t), stacked.b_t)
+        if stacked is None:
+            delta = self.delta(name, x)
+            if delta is not None:
+                output.add_(delta.to(output.dtype))
             return
-        delta = self.delta(name, x)
-        if delta is not None:
-            output.add_(delta.to(output.dtype))
+        x = x.to(stacked.a_t.dtype)
+        shared = self._shared_product(name, x)
+        xa = shared if shared is not None else torch.bmm(x, stacked.a_t)
+        output.baddbmm_(xa, stacked.b_t)  # output + (x Aᵀ) Bᵀ in one kernel
+
+    def _shared_product(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """x Aᵀ for `name` from one matmul shared with its siblings, or None."""
+        parent, _, leaf = name.rpartition(".")
+        group = _GROUP_OF.get(leaf)
+        if group is None:
+            return None
+        key = f"{parent}.{group[0]}"
+        if key not in self._groups:
+            members = [f"{parent}.{m}" for m in group if f"{parent}.{m}" in self.modules]
+            if len(members) < 2:
+                self._groups[key] = None
+            else:
+                columns, start = {}, 0
+                for member in members:
+                    rank = self.modules[member].a_t.shape[2]
+                    columns[member] = slice(start, start + rank)
+                    start += rank
+                joined = torch.cat([self.modules[m].a_t for m in members], dim=2)
+                self._groups[key] = (joined, columns)
+        fused = self._groups[key]
+        if fused is None:
+            return None
+        joined, columns = fused
+        pending = self._pending.get(key)
+        if pending is None or pending[0] is not x or name not in pending[2]:
+            pending = (x, torch.bmm(x, joined), set(columns))
+            self._pending[key] = pending
+        pending[2].discard(name)
+        if not pending[2]:
+            del self._pending[key]
+        return pending[1][..., columns[name]]
 
     def delta(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         """The LoRA contribution to module `name`'s output for input x (rows, seq, in)."""

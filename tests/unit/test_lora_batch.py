@@ -65,3 +65,24 @@ def test_concat_equals_building_all_rows(engine, demo, first, second):
     two = engine.lora_batch([demo.get(r) for r in second])
     joined = one.concat(two)
     same_deltas(engine, joined, engine.lora_batch([demo.get(r) for r in first + second]))
+
+
+def test_siblings_share_one_product_of_the_same_input_and_only_of_it(engine, demo):
+    batch = engine.lora_batch([demo["bank"], demo["airline"], None, demo["retailer"]])
+    layer = "model.layers.1"
+    generator = torch.Generator().manual_seed(1)
+
+    def check(name: str, x: torch.Tensor) -> None:
+        out = torch.randn(batch.rows, 3, engine.linear_shapes[name].out_features)
+        expected = out + batch.delta(name, x)
+        batch.add_to(name, x, out)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+
+    hidden = torch.randn(batch.rows, 3, 256, generator=generator)
+    for leaf in ("q_proj", "k_proj", "v_proj"):  # one input, as in attention
+        check(f"{layer}.self_attn.{leaf}", hidden)
+    other = torch.randn(batch.rows, 3, 256, generator=generator)
+    check(f"{layer}.self_attn.q_proj", hidden)  # a new round with the same input...
+    check(f"{layer}.self_attn.k_proj", other)  # ...and a sibling given another input
+    for leaf in ("gate_proj", "up_proj"):
+        check(f"{layer}.mlp.{leaf}", hidden)
