@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 from services.common.errors import InvalidArgument
+from services.common.keys import PLATFORM
 
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _ADAPTER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -31,3 +32,15 @@ def check_adapter_name(value: str) -> str:
             reason="INVALID_ADAPTER_NAME",
         )
     return value
+
+
+def owner_of(tenant: str, shared: bool) -> str:
+    """The registry owner a request names: the tenant, or the platform for shared adapters."""
+    if shared:
+        if tenant:
+            raise InvalidArgument(
+                "a shared adapter belongs to the platform: leave tenant empty",
+                reason="SHARED_WITH_TENANT",
+            )
+        return PLATFORM
+    return check_tenant(tenant)

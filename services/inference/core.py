@@ -19,8 +19,7 @@ from typing import TypeVar
 import redis.asyncio as aioredis
 
 from services.common.errors import InvalidArgument, Unavailable
-from services.common.keys import PLATFORM
-from services.common.names import check_adapter_name, check_tenant
+from services.common.names import check_adapter_name, check_tenant, owner_of
 from services.inference.cache import AdapterCache, CacheSnapshot, TieredAdapterCache
 from services.inference.compose import compose, composition_key
 from services.inference.decoding import DecodeSequence, Generation, SamplingConfig
@@ -169,7 +168,7 @@ class InferenceCore:
         expected_sha256: str = "",
         shared: bool = False,
     ) -> AdapterRecord:
-        owner = self._owner(tenant, shared)
+        owner = owner_of(tenant, shared)
         check_adapter_name(name)
         adapter_files = collect_files(files, expected_sha256)
         engine = self.engine
@@ -198,17 +197,6 @@ class InferenceCore:
             extra={"owner": owner, "adapter": name, "version": record.version},
         )
         return record
-
-    @staticmethod
-    def _owner(tenant: str, shared: bool) -> str:
-        if shared:
-            if tenant:
-                raise InvalidArgument(
-                    "a shared adapter belongs to the platform: leave tenant empty",
-                    reason="SHARED_WITH_TENANT",
-                )
-            return PLATFORM
-        return check_tenant(tenant)
 
     async def _load_weights(self, record: AdapterRecord) -> LoraWeights:
         engine = self.engine

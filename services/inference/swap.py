@@ -25,8 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraplexError
-from services.common.keys import PLATFORM
-from services.common.names import check_tenant
+from services.common.names import owner_of
 from services.inference.registry import (
     SWAP_CHANNEL,
     AdapterRecord,
@@ -41,18 +40,6 @@ log = logging.getLogger(__name__)
 
 Prefetch = Callable[[AdapterRecord], Awaitable[Any]]
 ROLLBACK_ATTEMPTS = 5
-
-
-def owner_of(tenant: str, shared: bool) -> str:
-    """The registry owner a request names: the tenant, or the platform for shared adapters."""
-    if shared:
-        if tenant:
-            raise InvalidArgument(
-                "a shared adapter belongs to the platform: leave tenant empty",
-                reason="SHARED_WITH_TENANT",
-            )
-        return PLATFORM
-    return check_tenant(tenant)
 
 
 class HotSwap:
