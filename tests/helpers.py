@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import grpc
@@ -43,3 +44,22 @@ def load_lora_weights(directory: Path, linear_shapes: dict, dtype=None):
         linear_shapes,
         dtype=dtype or torch.float32,
     )
+
+
+def new_tenant() -> str:
+    """A tenant id no other test uses (tests share one Redis)."""
+    return f"t-{uuid.uuid4().hex[:10]}"
+
+
+async def register(stub, tenant: str, demo: str = "retailer", name: str = "support", **kw):
+    """Register a demo adapter's files over gRPC; returns its AdapterInfo."""
+    from loraplex.inference.v1 import inference_service_pb2 as pb
+
+    files = adapter_files(DEMO_ADAPTERS / demo)
+    request = pb.RegisterAdapterRequest(
+        tenant=tenant,
+        name=name,
+        files=[pb.AdapterFile(name=k, content=v) for k, v in files.items()],
+        **kw,
+    )
+    return (await stub.RegisterAdapter(request)).adapter

@@ -11,13 +11,8 @@ import pytest
 
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
-from tests.helpers import error_reason
-from tests.integration.test_inference_service import (
-    expect_error,
-    generate_request,
-    new_tenant,
-    register,
-)
+from tests.helpers import error_reason, new_tenant, register
+from tests.integration.test_inference_service import expect_error, generate_request
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,7 @@ from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.channels import open_channel
 from services.common.redis import connect
-from tests.helpers import DEMO_ADAPTERS, adapter_files
+from tests.helpers import register
 from tests.unit.gateway.fake_inference import assert_error
 
 pytestmark = pytest.mark.integration
@@ -60,17 +60,6 @@ def new_tenant(redis) -> Callable[[], Awaitable[Tenant]]:
         return tenant, {"Authorization": f"Bearer {issued.api_key}"}
 
     return make
-
-
-async def register(stub, tenant: str, demo: str, name: str = NAME, **kw) -> common_pb2.AdapterInfo:
-    files = adapter_files(DEMO_ADAPTERS / demo)
-    request = pb.RegisterAdapterRequest(
-        tenant=tenant,
-        name=name,
-        files=[pb.AdapterFile(name=k, content=v) for k, v in files.items()],
-        **kw,
-    )
-    return (await stub.RegisterAdapter(request)).adapter
 
 
 async def serving_version(stub, tenant: str, name: str = NAME) -> int:

@@ -16,27 +16,12 @@ from services.common.redis import connect
 from services.inference.registry import AdapterRegistry
 from services.inference.store import WEIGHTS_FILE
 from services.inference.swap import SwapListener
-from tests.helpers import DEMO_ADAPTERS, adapter_files, error_reason
+from tests.helpers import error_reason, new_tenant, register
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "Customer: Where is my order 4821?\nAgent:"
 NAME = "support"
-
-
-def new_tenant() -> str:
-    return f"t-{uuid.uuid4().hex[:10]}"
-
-
-async def register(stub, tenant: str, demo: str, name: str = NAME, **kw) -> common_pb2.AdapterInfo:
-    files = adapter_files(DEMO_ADAPTERS / demo)
-    request = pb.RegisterAdapterRequest(
-        tenant=tenant,
-        name=name,
-        files=[pb.AdapterFile(name=k, content=v) for k, v in files.items()],
-        **kw,
-    )
-    return (await stub.RegisterAdapter(request)).adapter
 
 
 def generate(stub, tenant: str, version: int = 0, max_new_tokens: int = 8, **kw):

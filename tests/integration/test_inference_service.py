@@ -17,26 +17,11 @@ from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.redis import connect
 from services.inference.app import create_server
 from services.inference.settings import InferenceSettings
-from tests.helpers import DEMO_ADAPTERS, adapter_files, error_reason
+from tests.helpers import DEMO_ADAPTERS, adapter_files, error_reason, new_tenant, register
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "Customer: Where is my order 4821?\nAgent:"
-
-
-def new_tenant() -> str:
-    return f"t-{uuid.uuid4().hex[:10]}"
-
-
-async def register(stub, tenant: str, demo: str = "retailer", name: str = "support", **kw):
-    files = adapter_files(DEMO_ADAPTERS / demo)
-    request = pb.RegisterAdapterRequest(
-        tenant=tenant,
-        name=name,
-        files=[pb.AdapterFile(name=k, content=v) for k, v in files.items()],
-        **kw,
-    )
-    return (await stub.RegisterAdapter(request)).adapter
 
 
 def generate_request(tenant: str, adapter: str = "", **params) -> pb.GenerateRequest:
