@@ -90,6 +90,7 @@ def test_unknown_format():
 @pytest.mark.parametrize("fmt", list(DatasetFormat))
 def test_datasets_loads_each_format_with_its_columns(fmt, tmp_path):
     import datasets  # a dev dependency; imported here since it is slow to import
+
     path = tmp_path / f"{fmt.name.lower()}.jsonl"
     path.write_bytes(to_jsonl(rows(RECORDS, fmt)))
     loaded = datasets.load_dataset(
