@@ -1,13 +1,19 @@
 """Analytics benchmark: RecordBatch ingest and TopAdapters latency.
 
-- Ingest: batches of 1,000 events over 100 adapters into one analytics process (started
-  here as `python -m services.analytics`), several batches in flight, each with a fresh
-  batch id. Side by side, in the same run and on the same Redis: `redis-benchmark -P 64
-  HINCRBY`, the ceiling for unaggregated writes (one command per counter update).
-- TopAdapters over 10,000 adapters of one tenant: p50/p99 client-side latency.
+- Ingest: batches of 1,000 events over 100 adapters, several batches in flight, each with
+  a fresh batch id, into one analytics process (`python -m services.analytics`, started
+  here) -- the issue's measure -- and then into N processes sharing one port (gRPC sets
+  SO_REUSEPORT; the kernel spreads the client's connections over them). Side by side, in
+  the same run and on the same Redis: `redis-benchmark -P 64 HINCRBY`, the ceiling for
+  unaggregated writes (one command per counter update), and the Redis time the record
+  script takes per batch (INFO commandstats).
+- TopAdapters over 10,000 adapters of one tenant: p50/p99 client-side latency per metric.
 
 Prints a table and writes bench/results/analytics.json. Starts its own redis-server
-(no persistence) on a free port; nothing else needs to be running.
+(no persistence) on a free port; nothing else needs to be running. Every process shares
+the machine: on a 2-core VM, Redis, the analytics processes and this client compete for
+the same two cores, so aggregate ingest with N > 1 says more about the cores than about
+the service.
 """
 
 from __future__ import annotations
@@ -37,7 +43,10 @@ from services.common.localhost import free_port, start_redis_server
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "analytics.json"
 BATCH_EVENTS, INGEST_ADAPTERS, INGEST_BATCHES, IN_FLIGHT = 1_000, 100, 200, 8
-TOP_ADAPTERS, TOP_CALLS = 10_000, 200
+INGEST_PROCESSES = (1, 2)  # the first is the issue's measure (one analytics process)
+TOP_ADAPTERS = 10_000
+TOP_CALLS = int(os.environ.get("ANALYTICS_BENCH_TOP_CALLS", "200"))  # per metric
+TOP_METRICS = ("requests", "success_rate", "p95_latency")
 HINCRBY_N = 2_000_000
 
 
@@ -76,17 +85,21 @@ def events_bytes(tenant: str, adapters: int, offset: int, rng: np.random.Generat
     return pb.RecordBatchRequest(events=events).SerializeToString()
 
 
-async def ingest(channel: grpc.aio.Channel, payloads: list[bytes], prefix: str) -> float:
-    """Sends every payload once (each with a fresh batch id); returns events per second."""
-    call = channel.unary_unary(
-        "/loraplex.analytics.v1.AnalyticsService/RecordBatch",
-        request_serializer=None,  # payloads are serialized already
-        response_deserializer=pb.RecordBatchResponse.FromString,
-    )
+async def ingest(channels: list[grpc.aio.Channel], payloads: list[bytes], prefix: str) -> float:
+    """Sends every payload once (each with a fresh batch id), IN_FLIGHT at a time, worker i
+    on channels[i % len(channels)]; returns events per second."""
+    calls = [
+        channel.unary_unary(
+            "/loraplex.analytics.v1.AnalyticsService/RecordBatch",
+            request_serializer=None,  # payloads are serialized already
+            response_deserializer=pb.RecordBatchResponse.FromString,
+        )
+        for channel in channels
+    ]
     queue = list(enumerate(payloads))
     accepted = 0
 
-    async def worker() -> None:
+    async def worker(call) -> None:
         nonlocal accepted
         while queue:
             i, events = queue.pop()
@@ -95,7 +108,7 @@ async def ingest(channel: grpc.aio.Channel, payloads: list[bytes], prefix: str) 
             accepted += reply.accepted
 
     start = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(IN_FLIGHT)))
+    await asyncio.gather(*(worker(calls[i % len(calls)]) for i in range(IN_FLIGHT)))
     elapsed = time.perf_counter() - start
     assert accepted == len(payloads) * BATCH_EVENTS, accepted
     return accepted / elapsed
@@ -127,6 +140,17 @@ def hincrby_ceiling(port: int) -> float:
     return float(found[-1])
 
 
+def separate_channels(port: int, n: int) -> list[grpc.aio.Channel]:
+    """n channels with a TCP connection each (a local subchannel pool: otherwise channels
+    to one target share one connection, and SO_REUSEPORT balances connections)."""
+    return [
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        )
+        for _ in range(n)
+    ]
+
+
 async def top_latencies(stub, tenant: str, metric: int, calls: int) -> list[float]:
     out = []
     for _ in range(calls):
@@ -139,62 +163,14 @@ async def top_latencies(stub, tenant: str, metric: int, calls: int) -> list[floa
     return out
 
 
-async def run(port: int, redis_port: int) -> dict:
-    rng = np.random.default_rng(0)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = pb_grpc.AnalyticsServiceStub(channel)
-        distinct = [events_bytes("bench", INGEST_ADAPTERS, k, rng) for k in range(8)]
-        payloads = [distinct[i % len(distinct)] for i in range(INGEST_BATCHES)]
-        await ingest(channel, payloads[:16], "warmup")
-        events_per_s = await ingest(channel, payloads, "run")
-        print(f"ingest: {events_per_s:,.0f} events/s", flush=True)
-        r = redis.Redis(port=redis_port)
-
-        def hash_increments() -> int:
-            stats = r.info("commandstats")
-            return sum(
-                stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in ("hincrby", "hincrbyfloat")
-            )
-
-        before = hash_increments()
-        await ingest(channel, distinct, "count")
-        increments_per_batch = (hash_increments() - before) / len(distinct)
-        hincrby_per_s = hincrby_ceiling(redis_port)
-        print(f"redis-benchmark HINCRBY -P 64: {hincrby_per_s:,.0f}/s", flush=True)
-
-        top_payloads = [
-            events_bytes("bench-top", TOP_ADAPTERS, k * BATCH_EVENTS, rng)
-            for k in range(TOP_ADAPTERS * 2 // BATCH_EVENTS)
-        ]
-        await ingest(channel, top_payloads, "top")
-        print(f"ingested {TOP_ADAPTERS:,} adapters; timing TopAdapters", flush=True)
-        by_requests = await top_latencies(stub, "bench-top", pb.RANK_METRIC_REQUESTS, TOP_CALLS)
-        by_p95 = await top_latencies(stub, "bench-top", pb.RANK_METRIC_P95_LATENCY, 20)
-
-    def ms(values: list[float], q: float) -> float:
-        return round(float(np.quantile(values, q)) * 1000, 2)
-
-    return {
-        "ingest_events_per_second": round(events_per_s),
-        "ingest_setup": f"{INGEST_BATCHES} batches x {BATCH_EVENTS} events, "
-        f"{INGEST_ADAPTERS} adapters, {IN_FLIGHT} in flight",
-        "hash_increments_per_batch": round(increments_per_batch, 1),
-        "redis_benchmark_hincrby_P64_per_second": round(hincrby_per_s),
-        "top_adapters": TOP_ADAPTERS,
-        "top_requests_p50_ms": ms(by_requests, 0.5),
-        "top_requests_p99_ms": ms(by_requests, 0.99),
-        "top_requests_mean_ms": round(statistics.mean(by_requests) * 1000, 2),
-        "top_p95_latency_p50_ms": ms(by_p95, 0.5),
-        "top_p95_latency_p99_ms": ms(by_p95, 0.99),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def main() -> None:
-    redis_port, port = free_port(), free_port()
-    workdir = tempfile.mkdtemp(prefix="loraplex-bench-redis-")
-    redis_proc = start_redis_server(redis_port, workdir)
+def start_services(n: int, port: int, redis_port: int) -> list[subprocess.Popen]:
+    """n analytics processes listening on one port, once each answers SERVING."""
     env = {
         **os.environ,
         "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
@@ -202,46 +178,172 @@ def main() -> None:
         "METRICS_PORT": "0",
         "LOG_LEVEL": "warning",
     }
-    service = subprocess.Popen([sys.executable, "-m", "services.analytics"], cwd=ROOT, env=env)
-    try:
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
-        wait_until(
-            lambda: (
-                health.Check(health_pb2.HealthCheckRequest()).status
-                == health_pb2.HealthCheckResponse.SERVING
-            )
+    procs = []
+    for _ in range(n):
+        procs.append(
+            subprocess.Popen([sys.executable, "-m", "services.analytics"], cwd=ROOT, env=env)
         )
-        redis_version = redis.Redis(port=redis_port).info("server")["redis_version"]
-        result = asyncio.run(run(port, redis_port))
-        result["redis_version"] = redis_version
+    # Connections land on any listener; many fresh ones reaching SERVING means every
+    # process has bound the port (a process that has not is simply never picked).
+    for _ in range(4 * n):
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+        ) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            wait_until(
+                lambda h=health: (
+                    h.Check(health_pb2.HealthCheckRequest()).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                )
+            )
+    time.sleep(0.5)
+    return procs
+
+
+def stop_services(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
+
+
+async def measure_ingest(
+    port: int, redis_pid: int, services: list[subprocess.Popen], r: redis.Redis, tag: str
+) -> dict:
+    """Ingest into the processes behind `port`: events/s, and the CPU time per batch that
+    Redis and the analytics processes used (less noisy than wall time on a shared box)."""
+    rng = np.random.default_rng(0)
+    distinct = [events_bytes("bench", INGEST_ADAPTERS, k, rng) for k in range(8)]
+    payloads = [distinct[i % len(distinct)] for i in range(INGEST_BATCHES)]
+    channels = separate_channels(port, IN_FLIGHT)
+    try:
+        await ingest(channels, payloads[:16], f"{tag}-warmup")
+        r.config_resetstat()
+        cpu = [cpu_seconds(redis_pid), sum(cpu_seconds(p.pid) for p in services)]
+        cpu_client = time.process_time()
+        events_per_s = await ingest(channels, payloads, f"{tag}-run")
+        cpu_client = time.process_time() - cpu_client
+        cpu_redis = cpu_seconds(redis_pid) - cpu[0]
+        cpu_service = sum(cpu_seconds(p.pid) for p in services) - cpu[1]
     finally:
-        service.terminate()
-        service.wait(timeout=30)
+        for channel in channels:
+            await channel.close()
+    stats = r.info("commandstats")
+    script = stats.get("cmdstat_evalsha", {"calls": 0, "usec": 0})
+    calls = {c: stats.get(f"cmdstat_{c}", {}).get("calls", 0) for c in _WRITE_COMMANDS}
+    return {
+        "events_per_second": round(events_per_s),
+        "redis_cpu_ms_per_batch": round(cpu_redis * 1000 / INGEST_BATCHES, 2),
+        "analytics_cpu_ms_per_batch": round(cpu_service * 1000 / INGEST_BATCHES, 2),
+        "client_cpu_ms_per_batch": round(cpu_client * 1000 / INGEST_BATCHES, 2),
+        "redis_script_ms_per_batch": round(script["usec"] / max(script["calls"], 1) / 1000, 2),
+        "redis_commands_per_batch": {
+            c: round(n / max(script["calls"], 1), 1) for c, n in calls.items() if n
+        },
+    }
+
+
+_WRITE_COMMANDS = ("hincrby", "hincrbyfloat", "hmget", "hset", "expireat")
+
+
+async def measure_top(port: int) -> dict:
+    rng = np.random.default_rng(1)
+    out = {}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        top_payloads = [
+            events_bytes("bench-top", TOP_ADAPTERS, k * BATCH_EVENTS, rng)
+            for k in range(TOP_ADAPTERS * 2 // BATCH_EVENTS)
+        ]
+        await ingest([channel], top_payloads, "top")
+        print(f"ingested {TOP_ADAPTERS:,} adapters; timing TopAdapters", flush=True)
+        stub = pb_grpc.AnalyticsServiceStub(channel)
+        for metric in TOP_METRICS:
+            number = getattr(pb, f"RANK_METRIC_{metric.upper()}")
+            await top_latencies(stub, "bench-top", number, 3)  # warm up
+            took = await top_latencies(stub, "bench-top", number, TOP_CALLS)
+            out[metric] = {
+                "p50_ms": round(float(np.quantile(took, 0.5)) * 1000, 2),
+                "p99_ms": round(float(np.quantile(took, 0.99)) * 1000, 2),
+                "mean_ms": round(statistics.mean(took) * 1000, 2),
+            }
+            print(f"TopAdapters {metric}: {out[metric]}", flush=True)
+    return out
+
+
+def main() -> None:
+    redis_port = free_port()
+    workdir = tempfile.mkdtemp(prefix="loraplex-bench-redis-")
+    redis_proc = start_redis_server(redis_port, workdir)
+    r = redis.Redis(port=redis_port)
+    result: dict = {
+        "ingest_setup": f"{INGEST_BATCHES} batches x {BATCH_EVENTS} events, "
+        f"{INGEST_ADAPTERS} adapters, {IN_FLIGHT} in flight on {IN_FLIGHT} connections",
+        "redis_version": r.info("server")["redis_version"],
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "ingest": {},
+    }
+    try:
+        for n in INGEST_PROCESSES:
+            port = free_port()
+            services = start_services(n, port, redis_port)
+            try:
+                found = asyncio.run(measure_ingest(port, redis_proc.pid, services, r, f"n{n}"))
+                result["ingest"][f"{n}_processes"] = found
+                print(f"ingest, {n} analytics process(es): {found}", flush=True)
+                if n == INGEST_PROCESSES[0]:
+                    result["ingest_events_per_second"] = found["events_per_second"]
+                    result["redis_benchmark_hincrby_P64_per_second"] = round(
+                        hincrby_ceiling(redis_port)
+                    )
+                    print(
+                        "redis-benchmark HINCRBY -P 64: "
+                        f"{result['redis_benchmark_hincrby_P64_per_second']:,}/s",
+                        flush=True,
+                    )
+                    result["top_adapters"] = TOP_ADAPTERS
+                    result["top"] = asyncio.run(measure_top(port))
+            finally:
+                stop_services(services)
+    finally:
         redis_proc.terminate()
         redis_proc.wait(timeout=30)
+    one = result["ingest"][f"{INGEST_PROCESSES[0]}_processes"]
     rows = [
+        ("RecordBatch ingest, 1 analytics process", f"{one['events_per_second']:,} events/s"),
         (
-            "RecordBatch ingest (1 analytics process)",
-            f"{result['ingest_events_per_second']:,} events/s",
+            "  CPU per 1,000-event batch: analytics, Redis, client",
+            f"{one['analytics_cpu_ms_per_batch']} ms, {one['redis_cpu_ms_per_batch']} ms "
+            f"(script {one['redis_script_ms_per_batch']} ms wall), "
+            f"{one['client_cpu_ms_per_batch']} ms",
         ),
         (
-            "  hash increments per 1,000-event batch",
-            f"{result['hash_increments_per_batch']:,} (one EVALSHA)",
+            "  Redis commands per batch (inside the script)",
+            ", ".join(f"{c} {n}" for c, n in one["redis_commands_per_batch"].items()),
         ),
+    ]
+    for n in INGEST_PROCESSES[1:]:
+        found = result["ingest"][f"{n}_processes"]
+        rows.append(
+            (
+                f"RecordBatch ingest, {n} processes on one port",
+                f"{found['events_per_second']:,} events/s in all (same {os.cpu_count()} cores)",
+            )
+        )
+    rows.append(
         (
             "redis-benchmark -P 64 HINCRBY (same Redis)",
             f"{result['redis_benchmark_hincrby_P64_per_second']:,} commands/s",
-        ),
-        (
-            f"TopAdapters requests, {TOP_ADAPTERS:,} adapters",
-            f"p50 {result['top_requests_p50_ms']} ms, p99 {result['top_requests_p99_ms']} ms",
-        ),
-        (
-            f"TopAdapters p95_latency, {TOP_ADAPTERS:,} adapters",
-            f"p50 {result['top_p95_latency_p50_ms']} ms, p99 {result['top_p95_latency_p99_ms']} ms",
-        ),
-    ]
-    width = max(len(r[0]) for r in rows)
+        )
+    )
+    for metric, found in result["top"].items():
+        rows.append(
+            (
+                f"TopAdapters {metric}, {TOP_ADAPTERS:,} adapters",
+                f"p50 {found['p50_ms']} ms, p99 {found['p99_ms']} ms",
+            )
+        )
+    width = max(len(row[0]) for row in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

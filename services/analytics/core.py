@@ -4,31 +4,34 @@ No gRPC here. Key layout (all under the tenant's hash tag, so one tenant's keys 
 Redis Cluster slot and one Lua script may touch them all); <res> is "m" (1-minute buckets)
 or "h" (1-hour buckets), <start> the bucket's start in Unix seconds:
 
-    lp:{t}:an:<res>:<start>:c:<adapter>   hash  "<version>|<experiment>|<variant>|<stat>" -> n
+    lp:{t}:an:<res>:<start>:c:<adapter>   hash  "<version>|<experiment>|<variant>|*" -> record
     lp:{t}:an:<res>:<start>:s:<adapter>   hash  "<version>|<experiment>|<variant>|<bin>"  -> n
-    lp:{t}:an:<res>:<start>:sum:<stat>    hash  "<adapter>" -> n  (all series summed; for
-                                          TopAdapters: stats n, ok, ct, ls, rn, rs)
+    lp:{t}:an:<res>:<start>:rank          hash  "<adapter>" -> record (all series summed,
+                                          for TopAdapters: ingest.RANK_STATS)
     lp:{t}:an:batch:<batch_id>            string, set once per recorded batch (EX ttl)
 
-Counter stats: n requests, ok successes, e.<CODE> errors by code, pt/ct prompt/completion
-tokens, ls/ls2 latency sum and sum of squares, tn/ts/ts2 time-to-first-token count, sum and
-sum of squares, rn/rs/rs2 rating count, sum and sum of squares. Sketch bins are those of
-services.analytics.sketch. Every event is written to its minute and its hour bucket (the
-hour bucket is the roll-up), and keys expire at the end of their bucket plus retention.
+A record is little-endian doubles: ingest.COUNTERS for a series (n requests, ok successes,
+pt/ct prompt/completion tokens, tn ttft count, rn rating count, ls/ls2 latency sum and sum
+of squares, ts/ts2 ttft sum and sum of squares, rs/rs2 rating sum and sum of squares, then
+requests per error code). Counter hashes written before records existed hold one field
+per stat ("<series>|n", "<series>|e.<CODE>", ...); readers add both. Sketch bins are those
+of services.analytics.sketch. Every event is written to its minute and its hour bucket
+(the hour bucket is the roll-up, done by the same script), and keys expire at the end of
+their bucket plus retention.
 
 Idempotency: one Lua script per (tenant, batch) does SET NX on the batch key and, only if
 that succeeded, all of the batch's increments. A script runs atomically and reaches the AOF
 as one MULTI/EXEC, so after any crash either the batch key and all its counts are there or
-none of them are: a retry of an unacknowledged batch is counted exactly once.
+none of them are: a retry of an unacknowledged batch is counted exactly once. The write
+path itself is in services.analytics.ingest.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -36,8 +39,20 @@ import prometheus_client
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from services.analytics import ingest
+from services.analytics.ingest import (
+    COARSE_EDGES,
+    COUNTERS,
+    KINDS,
+    RANK_STATS,
+    STATUS_NUMBERS,
+    Columns,
+    event_reason,
+    label_reason,
+    unpack,
+)
 from services.analytics.settings import AnalyticsSettings
-from services.analytics.sketch import ZERO, ZERO_INDEX, LatencySketch, bucket_index
+from services.analytics.sketch import LatencySketch, bucket_value
 from services.common.errors import InvalidArgument, Unavailable
 from services.common.keys import key
 from services.common.names import check_adapter_name, check_tenant
@@ -62,7 +77,6 @@ RANK_METRICS = ("success_rate", "p95_latency", "requests", "avg_rating", "tokens
 MAX_TOP_LIMIT = 1000
 MAX_POINTS = 2000
 
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _BATCH_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 EVENTS_ACCEPTED = prometheus_client.Counter(
@@ -76,83 +90,108 @@ DUPLICATE_BATCHES = prometheus_client.Counter(
     "RecordBatch calls (per tenant) whose batch id had been recorded before.",
 )
 
-# KEYS[1]: the batch key; KEYS[2..]: hashes. ARGV[1]: the batch key's ttl; ARGV[2]: JSON,
-# per hash [expire-at, [field, int, ...], [field, "float", ...]] (one JSON string packs and
-# parses far faster than thousands of separate arguments).
-_RECORD = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local ops = cjson.decode(ARGV[2])
-for k = 2, #KEYS do
-  local h, op = KEYS[k], ops[k - 1]
-  local ints, floats = op[2], op[3]
-  for i = 1, #ints, 2 do redis.call('HINCRBY', h, ints[i], ints[i + 1]) end
-  for i = 1, #floats, 2 do redis.call('HINCRBYFLOAT', h, floats[i], floats[i + 1]) end
-  redis.call('EXPIREAT', h, op[1])
-end
-return 1
-"""
-
-# TopAdapters for the metrics the summary hashes answer, inside Redis so that 10,000
-# adapters' sums never cross the wire. KEYS: the summary hashes, stat-major (all buckets of
-# ARGV[5], then of ARGV[6], ...). ARGV: buckets, metric, limit, min_requests, stats...
-# Returns [adapter, value, requests, ...], best first; ties: more requests, then name.
-_TOP = """
-local nb, metric = tonumber(ARGV[1]), ARGV[2]
-local limit, minreq = tonumber(ARGV[3]), tonumber(ARGV[4])
-local sums, s = {}, 0
-for i = 5, #ARGV do
-  local t = {}
-  for _ = 1, nb do
-    s = s + 1
-    local flat = redis.call('HGETALL', KEYS[s])
-    for j = 1, #flat, 2 do t[flat[j]] = (t[flat[j]] or 0) + tonumber(flat[j + 1]) end
-  end
-  sums[ARGV[i]] = t
-end
--- Names in byte order, whatever locale the server's strcoll follows.
+# Shared by both TopAdapters scripts. Rows are compared by value (`higher`: larger is
+# better), then more requests, then the adapter name first in byte order -- whatever
+# locale the server's strcoll follows, so not with Lua's `<` on strings, and 8 bytes per
+# string.byte call because with many ties this comparison is most of the work. The best
+# `limit` rows are kept sorted; most rows take one comparison with the worst kept, and
+# none allocates anything unless it is kept.
+_TOP_K = """
+local byte, min, floor, insert = string.byte, math.min, math.floor, table.insert
 local function before(a, b)
-  for i = 1, math.min(#a, #b) do
-    local x, y = a:byte(i), b:byte(i)
-    if x ~= y then return x < y end
+  if a == b then return false end
+  for i = 1, min(#a, #b), 8 do
+    local a1, a2, a3, a4, a5, a6, a7, a8 = byte(a, i, i + 7)
+    local b1, b2, b3, b4, b5, b6, b7, b8 = byte(b, i, i + 7)
+    if a1 ~= b1 then return (a1 or -1) < (b1 or -1) end
+    if a2 ~= b2 then return (a2 or -1) < (b2 or -1) end
+    if a3 ~= b3 then return (a3 or -1) < (b3 or -1) end
+    if a4 ~= b4 then return (a4 or -1) < (b4 or -1) end
+    if a5 ~= b5 then return (a5 or -1) < (b5 or -1) end
+    if a6 ~= b6 then return (a6 or -1) < (b6 or -1) end
+    if a7 ~= b7 then return (a7 or -1) < (b7 or -1) end
+    if a8 ~= b8 then return (a8 or -1) < (b8 or -1) end
   end
   return #a < #b
 end
-local function better(x, y)
-  if x[2] ~= y[2] then return x[2] > y[2] end
-  if x[3] ~= y[3] then return x[3] > y[3] end
-  return before(x[1], y[1])
-end
--- The best `limit` rows, kept sorted: one comparison with the worst kept for most rows.
 local top = {}
-local function offer(row)
-  if #top == limit and not better(row, top[limit]) then return end
-  local lo, hi = 1, #top + 1
-  while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
-    if better(row, top[mid]) then hi = mid else lo = mid + 1 end
+local function better(a, v, req, row)
+  if v ~= row[2] then
+    if higher then return v > row[2] end
+    return v < row[2]
   end
-  table.insert(top, lo, row)
+  if req ~= row[3] then return req > row[3] end
+  return before(a, row[1])
+end
+local function offer(a, v, req)
+  local n = #top
+  if n == limit and not better(a, v, req, top[n]) then return end
+  local lo, hi = 1, n + 1
+  while lo < hi do
+    local mid = floor((lo + hi) / 2)
+    if better(a, v, req, top[mid]) then hi = mid else lo = mid + 1 end
+  end
+  insert(top, lo, {a, v, req})
   if #top > limit then top[#top] = nil end
 end
-local n = sums['n']
-local base = n
-if metric == 'avg_rating' then base = sums['rn'] end
-for a, _ in pairs(base) do
-  local req = n[a] or 0
+"""
+
+# TopAdapters by a metric of the rank records, inside Redis so that 10,000 adapters' sums
+# never cross the wire. KEYS: the window's rank hashes. ARGV: metric, limit, min_requests.
+# Only the record's leading doubles the metric needs are unpacked. Returns [adapter,
+# value, requests, ...], best first.
+_TOP = (
+    """
+local metric, limit, minreq = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local higher = true
+local sunpack, call = struct.unpack, redis.call
+"""
+    + _TOP_K
+    + """
+local N, X, Y = {}, {}, {}
+for k = 1, #KEYS do
+  local flat = call('HGETALL', KEYS[k])
+  if metric == 'requests' then
+    for j = 1, #flat, 2 do
+      local a = flat[j]
+      N[a] = (N[a] or 0) + sunpack('<d', flat[j + 1])
+    end
+  elseif metric == 'success_rate' then
+    for j = 1, #flat, 2 do
+      local a = flat[j]
+      local n, ok = sunpack('<dd', flat[j + 1])
+      N[a], X[a] = (N[a] or 0) + n, (X[a] or 0) + ok
+    end
+  elseif metric == 'tokens_per_second' then
+    for j = 1, #flat, 2 do
+      local a = flat[j]
+      local n, _, ct, ls = sunpack('<dddd', flat[j + 1])
+      N[a], X[a], Y[a] = (N[a] or 0) + n, (X[a] or 0) + ct, (Y[a] or 0) + ls
+    end
+  else  -- avg_rating
+    for j = 1, #flat, 2 do
+      local a = flat[j]
+      local n, _, _, _, rn, rs = sunpack('<dddddd', flat[j + 1])
+      N[a], X[a], Y[a] = (N[a] or 0) + n, (X[a] or 0) + rn, (Y[a] or 0) + rs
+    end
+  end
+end
+for a, req in pairs(N) do
   if req >= minreq then
     local v
-    if metric == 'success_rate' then
-      if req > 0 then v = (sums['ok'][a] or 0) / req end
-    elseif metric == 'requests' then
-      v = req
-    elseif metric == 'avg_rating' then
-      v = (sums['rs'][a] or 0) / sums['rn'][a]
+    if metric == 'requests' then
+      if req > 0 then v = req end
+    elseif metric == 'success_rate' then
+      if req > 0 then v = X[a] / req end
     elseif metric == 'tokens_per_second' then
-      local ls = sums['ls'][a] or 0
-      v = 0
-      if ls > 0 then v = (sums['ct'][a] or 0) / ls end
+      if req > 0 then
+        v = 0
+        if Y[a] > 0 then v = X[a] / Y[a] end
+      end
+    elseif X[a] > 0 then  -- avg_rating: only adapters with ratings
+      v = Y[a] / X[a]
     end
-    if v then offer({a, v, req}) end
+    if v then offer(a, v, req) end
   end
 end
 local out = {}
@@ -163,6 +202,164 @@ for _, r in ipairs(top) do
 end
 return out
 """
+)
+
+# TopAdapters by p95 latency: each adapter's sketch merged over its series and over the
+# window's buckets it has requests in, and its exact sketch p95 (the bin of rank
+# floor(0.95 (n - 1)), as LatencySketch.quantile) -- all inside Redis. KEYS: the window's
+# rank hashes. ARGV: limit, min_requests, then per bucket the prefix of its sketch hashes
+# ("...:s:"); the sketch hashes are named from those prefixes and the adapter names in the
+# rank hashes (the tenant's own keys: same hash tag, so the same cluster slot). Returns
+# [adapter, bin, requests, ...], best (lowest bin) first.
+# Pruning, exact: the coarse histograms in the rank records say in which coarse bin each
+# adapter's p95 lies (coarse bins are runs of sketch bins, so the rank walk over coarse
+# counts stops in the coarse bin that holds the sketch p95). Adapters are read coarse bin
+# by coarse bin, lowest first -- those whose records lack a histogram (written by an
+# earlier build) before all others -- and reading stops once the top is full and its
+# worst bin is at most the upper edge of the coarse bin just read: every adapter left has
+# a p95 bin above that edge, so it cannot enter or tie.
+_COARSE_WALK = "\n".join(
+    [
+        "local function coarse_group({})".format(
+            ", ".join(f"c{i}" for i in range(1, len(COARSE_EDGES) + 2))
+        ),
+        "  local rank = floor(0.95 * ({} - 1))".format(
+            " + ".join(f"c{i}" for i in range(1, len(COARSE_EDGES) + 2))
+        ),
+        "  local seen = 0",
+        *(
+            f"  seen = seen + c{i}; if seen > rank then return {i + 1} end"
+            for i in range(1, len(COARSE_EDGES) + 2)
+        ),
+        "  return 1",
+        "end",
+        "local EDGES = {{{}}}".format(", ".join(str(e) for e in COARSE_EDGES)),
+        f"local NR, NC = {len(RANK_STATS)}, {len(COARSE_EDGES) + 1}",
+    ]
+)
+_TOP_P95 = (
+    """
+local limit, minreq = tonumber(ARGV[1]), tonumber(ARGV[2])
+local higher = false
+local sunpack, tonum, call, find, sub = struct.unpack, tonumber, redis.call, string.find, string.sub
+"""
+    + _TOP_K
+    + _COARSE_WALK
+    + """
+local coarse_fmt = '<' .. string.rep('x', 8 * NR) .. string.rep('d', NC)
+local N, active, R = {}, {}, {}
+for k = 1, #KEYS do
+  local flat = call('HGETALL', KEYS[k])
+  for j = 1, #flat, 2 do
+    local a, rec = flat[j], flat[j + 1]
+    local n = sunpack('<d', rec)
+    if n > 0 then  -- active[a]: the bucket, or a list of them
+      local b = active[a]
+      if not b then
+        active[a] = k
+      elseif type(b) == 'number' then
+        active[a] = {b, k}
+      else
+        b[#b + 1] = k
+      end
+      N[a] = (N[a] or 0) + n
+      -- R[a]: its record's coarse counts (the record itself while there is one), or
+      -- false when a record has none
+      local have = R[a]
+      if #rec < 8 * (NR + NC) then
+        R[a] = false
+      elseif have == nil then
+        R[a] = rec
+      elseif have then
+        if type(have) == 'string' then have = {sunpack(coarse_fmt, have)} end
+        local add = {sunpack(coarse_fmt, rec)}
+        for i = 1, NC do have[i] = have[i] + add[i] end
+        R[a] = have
+      end
+    end
+  end
+end
+local groups = {}
+for g = 1, NC + 1 do groups[g] = {} end
+for a, req in pairs(N) do
+  if req >= minreq then
+    local have, g = R[a], 1
+    if type(have) == 'string' then
+      g = coarse_group(sunpack(coarse_fmt, have))
+    elseif have then
+      g = coarse_group(unpack(have, 1, NC))
+    end
+    local list = groups[g]
+    list[#list + 1] = a
+  end
+end
+local ZERO = -1e9
+local function bin_of(f)  -- "<version>|<experiment>|<variant>|<bin>" -> bin
+  local s = sub(f, find(f, '|[^|]*$') + 1)
+  if s == 'z' then return ZERO end
+  return tonum(s)
+end
+-- The adapter's (bin, count) pairs, in bs/cs[1..n] (reused): a few are sorted in place,
+-- many are merged in a table and sorted by table.sort. Equal bins may stay apart: the walk
+-- to the rank reaches the same bin either way.
+local bs, cs = {}, {}
+local function p95_bin(n, total)
+  if n <= 24 then
+    for i = 2, n do
+      local b, c, j = bs[i], cs[i], i - 1
+      while j > 0 and bs[j] > b do
+        bs[j + 1], cs[j + 1] = bs[j], cs[j]
+        j = j - 1
+      end
+      bs[j + 1], cs[j + 1] = b, c
+    end
+  else
+    local counts, bins = {}, {}
+    for i = 1, n do
+      local b = bs[i]
+      if counts[b] then
+        counts[b] = counts[b] + cs[i]
+      else
+        counts[b] = cs[i]
+        bins[#bins + 1] = b
+      end
+    end
+    table.sort(bins)
+    n = #bins
+    for i = 1, n do bs[i], cs[i] = bins[i], counts[bins[i]] end
+  end
+  local rank, seen = floor(0.95 * (total - 1)), 0
+  for i = 1, n do
+    seen = seen + cs[i]
+    if seen > rank then return bs[i] end
+  end
+end
+for g = 1, NC + 1 do
+  for _, a in ipairs(groups[g]) do
+    local buckets = active[a]
+    if type(buckets) == 'number' then buckets = {buckets} end
+    local n, total = 0, 0
+    for b = 1, #buckets do
+      local flat = call('HGETALL', ARGV[buckets[b] + 2] .. a)
+      for j = 1, #flat, 2 do
+        local c = tonum(flat[j + 1])
+        n, total = n + 1, total + c
+        bs[n], cs[n] = bin_of(flat[j]), c
+      end
+    end
+    if total > 0 then offer(a, p95_bin(n, total), N[a]) end
+  end
+  if g >= 2 and g <= NC and #top == limit and top[limit][2] <= EDGES[g - 1] then break end
+end
+local out = {}
+for _, r in ipairs(top) do
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2] == ZERO and 'z' or string.format('%d', r[2])
+  out[#out + 1] = r[3]
+end
+return out
+"""
+)
 
 
 @dataclass(slots=True)
@@ -242,6 +439,20 @@ class Metrics:
             code = stat[2:]
             self.errors_by_code[code] = self.errors_by_code.get(code, 0) + int(raw)
 
+    def add_record(self, raw: bytes) -> None:
+        """Add a stored counter record (ingest.COUNTERS, as little-endian doubles)."""
+        for stat, value in zip(COUNTERS, unpack(raw), strict=False):
+            if value:
+                if stat in self._INT:
+                    name = self._INT[stat]
+                    setattr(self, name, getattr(self, name) + int(value))
+                elif stat in self._FLOAT:
+                    name = self._FLOAT[stat]
+                    setattr(self, name, getattr(self, name) + value)
+                else:
+                    code = stat[2:]
+                    self.errors_by_code[code] = self.errors_by_code.get(code, 0) + int(value)
+
     @property
     def errors(self) -> int:
         return sum(self.errors_by_code.values())
@@ -275,6 +486,24 @@ class Metrics:
         var = (self.rating_sum_sq - self.rating_sum**2 / n) / (n - 1)
         return math.sqrt(max(var, 0.0))
 
+    @property
+    def latency_stddev(self) -> float:
+        """Sample standard deviation (n - 1) of the latencies; 0 with fewer than two."""
+        n = self.requests
+        if n < 2:
+            return 0.0
+        var = (self.latency_sum_sq - self.latency_sum**2 / n) / (n - 1)
+        return math.sqrt(max(var, 0.0))
+
+    @property
+    def ttft_stddev(self) -> float:
+        """Sample standard deviation (n - 1) of the times to first token."""
+        n = self.ttft_count
+        if n < 2:
+            return 0.0
+        var = (self.ttft_sum_sq - self.ttft_sum**2 / n) / (n - 1)
+        return math.sqrt(max(var, 0.0))
+
     def quantile(self, q: float) -> float:
         return self.sketch.quantile(q)
 
@@ -299,176 +528,66 @@ class Ranked:
 
 def reject_reason(event: Event, now: float, settings: AnalyticsSettings) -> str | None:
     """Why an event cannot be counted, or None when it can."""
-    try:
-        check_tenant(event.tenant)
-    except InvalidArgument:
-        return "INVALID_TENANT"
-    if not event.adapter:
-        return "MISSING_ADAPTER"
-    try:
-        check_adapter_name(event.adapter)
-    except InvalidArgument:
-        return "INVALID_ADAPTER_NAME"
-    if not 0 <= event.version < 2**32:
-        return "INVALID_VERSION"
-    if event.experiment and not _LABEL.fullmatch(event.experiment):
-        return "INVALID_EXPERIMENT"
-    if event.variant and not _LABEL.fullmatch(event.variant):
-        return "INVALID_VARIANT"
-    if event.time is not None:
-        if not math.isfinite(event.time):
-            return "NOT_FINITE"
-        if event.time > now + settings.max_future_skew_seconds:
-            return "TIMESTAMP_IN_FUTURE"
-        if event.time < now - settings.hour_retention_seconds:
-            return "TIMESTAMP_TOO_OLD"
-    if event.kind == "request":
-        if event.status not in STATUSES:
-            return "UNKNOWN_STATUS"
-        for value in (event.latency_seconds, event.ttft_seconds):
-            if value is None:
-                continue
-            if not math.isfinite(value):
-                return "NOT_FINITE"
-            if value < 0:
-                return "NEGATIVE_LATENCY"
-        if event.prompt_tokens < 0 or event.completion_tokens < 0:
-            return "NEGATIVE_TOKENS"
-        return None
-    if event.kind == "feedback":
-        return None if math.isfinite(event.rating) else "NOT_FINITE"
-    return "MISSING_KIND"
+    ttft = event.ttft_seconds
+    return event_reason(
+        label_reason(event.tenant, event.adapter, event.version, event.experiment, event.variant),
+        event.time is not None,
+        math.nan if event.time is None else event.time,
+        KINDS.get(event.kind, -1),
+        STATUS_NUMBERS.get(event.status, 0),
+        event.latency_seconds,
+        ttft is not None,
+        math.nan if ttft is None else ttft,
+        event.prompt_tokens,
+        event.completion_tokens,
+        event.rating,
+        now,
+        settings,
+    )
 
 
-class _Acc:
-    """Sums of one series in one minute, before they become hash-field increments."""
-
-    __slots__ = ("bins", "ct", "errors", "ls", "ls2", "n", "ok", "pt", "rn", "rs", "rs2")
-    __slots__ += ("tn", "ts", "ts2")
-
-    def __init__(self) -> None:
-        self.n = self.ok = self.pt = self.ct = self.tn = self.rn = 0
-        self.ls = self.ls2 = self.ts = self.ts2 = self.rs = self.rs2 = 0.0
-        self.errors: Counter[str] = Counter()
-        self.bins: Counter[int] = Counter()
-
-    def merge(self, other: _Acc) -> None:
-        for name in ("n", "ok", "pt", "ct", "tn", "rn", "ls", "ls2", "ts", "ts2", "rs", "rs2"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.errors.update(other.errors)
-        self.bins.update(other.bins)
+def _clamp(tokens: int) -> int:
+    """Token counts beyond int64 (possible in a Python Event) as the nearest that is still
+    rejected for the same reason."""
+    return max(min(tokens, 2**62), -(2**62))
 
 
-class _TenantBatch:
-    """One tenant's share of a batch, pre-aggregated in Python: per event a few additions
-    into its (adapter, series, minute) sums; the hash-field increments for the minute and
-    the hour buckets are produced once per batch from those sums."""
-
-    def __init__(self, tenant: str, settings: AnalyticsSettings) -> None:
-        self.tenant = tenant
-        self.settings = settings
-        self.events = 0
-        self.acc: dict[tuple[str, str, int], _Acc] = {}
-
-    def add(self, event: Event, when: float) -> None:
-        self.events += 1
-        series = f"{event.version}|{event.experiment}|{event.variant}|"
-        group = (event.adapter, series, int(when // MINUTE) * MINUTE)
-        acc = self.acc.get(group)
-        if acc is None:
-            acc = self.acc[group] = _Acc()
-        if event.kind == "request":
-            latency = event.latency_seconds
-            acc.n += 1
-            if event.status == "OK":
-                acc.ok += 1
-            else:
-                acc.errors[event.status] += 1
-            acc.pt += event.prompt_tokens
-            acc.ct += event.completion_tokens
-            acc.ls += latency
-            acc.ls2 += latency * latency
-            ttft = event.ttft_seconds
-            if ttft is not None:
-                acc.tn += 1
-                acc.ts += ttft
-                acc.ts2 += ttft * ttft
-            acc.bins[bucket_index(latency)] += 1
-        else:
-            acc.rn += 1
-            acc.rs += event.rating
-            acc.rs2 += event.rating * event.rating
-
-    def script_args(self, batch_id: str) -> tuple[list[str], list[object]]:
-        s = self.settings
-        rolled: dict[tuple[str, str, int, int], _Acc] = {}
-        for (adapter, series, minute), acc in self.acc.items():
-            rolled[(adapter, series, MINUTE, minute)] = acc
-        for (adapter, series, minute), acc in self.acc.items():
-            hour_key = (adapter, series, HOUR, minute // HOUR * HOUR)
-            hour = rolled.get(hour_key)
-            if hour is None:
-                hour = rolled[hour_key] = _Acc()
-            hour.merge(acc)
-        # hash key -> (expire at, int increments, float increments)
-        hashes: dict[str, tuple[int, list[object], list[object]]] = {}
-
-        def target(hkey: str, expire_at: int) -> tuple[int, list[object], list[object]]:
-            found = hashes.get(hkey)
-            if found is None:
-                found = hashes[hkey] = (expire_at, [], [])
-            return found
-
-        prefix = key(self.tenant, "an")  # + ":<res>:<start>:<kind>[:<adapter>]"
-        for (adapter, series, res, start), acc in rolled.items():
-            tag = RESOLUTIONS[res]
-            retention = s.minute_retention_seconds if res == MINUTE else s.hour_retention_seconds
-            expire_at = start + res + retention
-            _, ints, floats = target(f"{prefix}:{tag}:{start}:c:{adapter}", expire_at)
-            for stat, value in (("n", acc.n), ("ok", acc.ok), ("pt", acc.pt), ("ct", acc.ct)):
-                if value:
-                    ints += [series + stat, value]
-            for code, value in acc.errors.items():
-                ints += [f"{series}e.{code}", value]
-            for stat, value in (("tn", acc.tn), ("rn", acc.rn)):
-                if value:
-                    ints += [series + stat, value]
-            for stat, fvalue in (
-                ("ls", acc.ls),
-                ("ls2", acc.ls2),
-                ("ts", acc.ts),
-                ("ts2", acc.ts2),
-                ("rs", acc.rs),
-                ("rs2", acc.rs2),
-            ):
-                if fvalue:
-                    floats += [series + stat, repr(fvalue)]
-            if acc.bins:
-                _, ints, _ = target(f"{prefix}:{tag}:{start}:s:{adapter}", expire_at)
-                for index, value in acc.bins.items():
-                    ints += [f"{series}{ZERO if index == ZERO_INDEX else index}", value]
-            for stat, value in (("n", acc.n), ("ok", acc.ok), ("ct", acc.ct), ("rn", acc.rn)):
-                if value:
-                    target(f"{prefix}:{tag}:{start}:sum:{stat}", expire_at)[1].extend(
-                        (adapter, value)
-                    )
-            for stat, fvalue in (("ls", acc.ls), ("rs", acc.rs)):
-                if fvalue:
-                    target(f"{prefix}:{tag}:{start}:sum:{stat}", expire_at)[2].extend(
-                        (adapter, repr(fvalue))
-                    )
-
-        keys = [key(self.tenant, "an", "batch", batch_id), *hashes]
-        ops = json.dumps(list(hashes.values()), separators=(",", ":"))
-        return keys, [s.batch_id_ttl_seconds, ops]
+def events_to_columns(events: Sequence[Event]) -> Columns:
+    nan = math.nan
+    return Columns.from_rows(
+        [
+            (
+                e.tenant,
+                e.adapter,
+                e.version,
+                e.experiment,
+                e.variant,
+                e.time is not None,
+                nan if e.time is None else e.time,
+                KINDS.get(e.kind, -1),
+                STATUS_NUMBERS.get(e.status, 0),
+                e.latency_seconds,
+                e.ttft_seconds is not None,
+                nan if e.ttft_seconds is None else e.ttft_seconds,
+                _clamp(e.prompt_tokens),
+                _clamp(e.completion_tokens),
+                e.rating,
+            )
+            for e in events
+        ]
+    )
 
 
 class AnalyticsCore:
     def __init__(self, settings: AnalyticsSettings, redis: aioredis.Redis) -> None:
         self.settings = settings
         self.redis = redis
-        self._script = redis.register_script(_RECORD)
+        self._script = redis.register_script(ingest.RECORD_SCRIPT)
         self._top = redis.register_script(_TOP)
+        self._top_p95 = redis.register_script(_TOP_P95)
+        # Names already checked, and series prefixes already built (bounded; see ingest).
+        self._labels: dict = {}
+        self._series: dict = {}
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -478,52 +597,57 @@ class AnalyticsCore:
     async def record_batch(
         self, batch_id: str, events: Sequence[Event], *, now: float | None = None
     ) -> RecordResult:
+        self._check_batch(batch_id, len(events))
+        return await self.record_columns(batch_id, events_to_columns(events), now=now)
+
+    def _check_batch(self, batch_id: str, size: int) -> None:
         if not _BATCH_ID.fullmatch(batch_id or ""):
             raise InvalidArgument(
                 "batch_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
                 reason="INVALID_BATCH_ID",
             )
         limit = self.settings.max_batch_events
-        if len(events) > limit:
+        if size > limit:
             raise InvalidArgument(
-                f"batch has {len(events)} events, at most {limit} are allowed",
+                f"batch has {size} events, at most {limit} are allowed",
                 reason="BATCH_TOO_LARGE",
                 max_batch_events=str(limit),
             )
+
+    async def record_columns(
+        self, batch_id: str, columns: Columns, *, now: float | None = None
+    ) -> RecordResult:
+        """record_batch for a batch already in columns (the gRPC path reads them straight
+        from the protobuf)."""
+        self._check_batch(batch_id, len(columns))
         now = time.time() if now is None else now
-        rejected: list[tuple[int, str]] = []
-        groups: dict[str, _TenantBatch] = {}
-        accepted = 0
-        for index, event in enumerate(events):
-            reason = reject_reason(event, now, self.settings)
-            if reason:
-                rejected.append((index, reason))
-                continue
-            group = groups.get(event.tenant)
-            if group is None:
-                group = groups[event.tenant] = _TenantBatch(event.tenant, self.settings)
-            group.add(event, now if event.time is None else event.time)
-            accepted += 1
+        batch = ingest.Aggregated(columns, now, self.settings, self._labels)
+        rejected = batch.rejected
         duplicate = False
-        if groups:
+        if batch.accepted:
+            writes = batch.tenant_writes(batch_id, self._series)
+            ttl = self.settings.batch_id_ttl_seconds
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for group in groups.values():
-                        keys, args = group.script_args(batch_id)
-                        await self._script(keys=keys, args=args, client=pipe)
-                    applied = await pipe.execute()
+                if len(writes) == 1:  # the usual case: no pipeline, one round trip
+                    w = writes[0]
+                    applied = [await self._script(keys=w.keys, args=w.args(ttl))]
+                else:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for w in writes:
+                            await self._script(keys=w.keys, args=w.args(ttl), client=pipe)
+                        applied = await pipe.execute()
             except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
                 raise Unavailable(
                     "the analytics store is unavailable; retry with the same batch_id",
                     reason="STORE_UNAVAILABLE",
                 ) from err
-            fresh = [g.events for g, a in zip(groups.values(), applied, strict=True) if int(a)]
+            fresh = [w.events for w, a in zip(writes, applied, strict=True) if int(a)]
             DUPLICATE_BATCHES.inc(len(applied) - len(fresh))
             EVENTS_ACCEPTED.inc(sum(fresh))
             duplicate = not fresh
         for _, reason in rejected:
             EVENTS_REJECTED.labels(reason).inc()
-        return RecordResult(accepted=accepted, rejected=rejected, duplicate=duplicate)
+        return RecordResult(accepted=batch.accepted, rejected=rejected, duplicate=duplicate)
 
     # --- queries ------------------------------------------------------------------------
 
@@ -637,54 +761,35 @@ class AnalyticsCore:
             raise InvalidArgument("min_requests must be >= 0", reason="INVALID_MIN_REQUESTS")
         win = self.window(window_seconds, end)
         tag = RESOLUTIONS[win.resolution]
-        buckets = win.buckets
-        if metric != "p95_latency":
-            stats = {
-                "success_rate": ("n", "ok"),
-                "requests": ("n",),
-                "avg_rating": ("n", "rn", "rs"),
-                "tokens_per_second": ("n", "ct", "ls"),
-            }[metric]
-            keys = [key(tenant, "an", tag, b, "sum", stat) for stat in stats for b in buckets]
-            args = [len(buckets), metric, limit, min_requests, *stats]
-            try:
-                flat = await self._top(keys=keys, args=args)
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-                raise Unavailable(
-                    "the analytics store is unavailable", reason="STORE_UNAVAILABLE"
-                ) from err
-            return [
-                Ranked(flat[i].decode(), float(flat[i + 1]), int(flat[i + 2]))
-                for i in range(0, len(flat), 3)
-            ], win
-        # p95_latency: merge each adapter's sketches, only of the buckets it has requests in.
-        replies = await self._read([("n", key(tenant, "an", tag, b, "sum", "n")) for b in buckets])
-        requests: dict[bytes, float] = defaultdict(float)
-        active: dict[bytes, list[int]] = defaultdict(list)
-        for b, reply in zip(buckets, replies, strict=True):
-            for adapter, raw in reply.items():
-                requests[adapter] += float(raw)
-                active[adapter].append(b)
-        names = sorted(a for a, n in requests.items() if n and n >= min_requests)
-        calls = [
-            ("s", key(tenant, "an", tag, b, "s", a.decode())) for a in names for b in active[a]
-        ]
-        sketch_replies = iter(await self._read(calls))
-        values = {}
-        for a in names:
-            sketch = LatencySketch()
-            for _ in active[a]:
-                _fold_sketch(sketch, next(sketch_replies), SeriesFilter())
-            values[a] = sketch.quantile(0.95)
-        ranked = sorted(values.items(), key=lambda kv: (kv[1], -requests[kv[0]], kv[0]))
-        return [Ranked(a.decode(), v, int(requests[a])) for a, v in ranked[:limit]], win
+        keys = [key(tenant, "an", tag, b, "rank") for b in win.buckets]
+        try:
+            if metric == "p95_latency":
+                prefixes = [key(tenant, "an", tag, b, "s", "") for b in win.buckets]
+                flat = await self._top_p95(keys=keys, args=[limit, min_requests, *prefixes])
+            else:
+                flat = await self._top(keys=keys, args=[metric, limit, min_requests])
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
+            raise Unavailable(
+                "the analytics store is unavailable", reason="STORE_UNAVAILABLE"
+            ) from err
+        if metric == "p95_latency":  # bins to the values LatencySketch.quantile reports
+            values = [bucket_value(flat[i].decode()) for i in range(1, len(flat), 3)]
+        else:
+            values = [float(flat[i]) for i in range(1, len(flat), 3)]
+        return [
+            Ranked(flat[i].decode(), v, int(flat[i + 2]))
+            for i, v in zip(range(0, len(flat), 3), values, strict=True)
+        ], win
 
 
 def _fold_counters(m: Metrics, reply: dict[bytes, bytes], series: SeriesFilter) -> None:
     for raw_field, raw in reply.items():
         version, experiment, variant, stat = raw_field.decode().split("|")
         if series.matches(version, experiment, variant):
-            m.add_stat(stat, raw)
+            if stat == "*":
+                m.add_record(raw)
+            else:  # written before records existed: one field per stat
+                m.add_stat(stat, raw)
 
 
 def _fold_sketch(sketch: LatencySketch, reply: dict[bytes, bytes], series: SeriesFilter) -> None:

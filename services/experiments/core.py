@@ -4,7 +4,12 @@ Keys (all in the tenant's hash slot):
   lp:{tenant}:experiment:<key>                          string  JSON definition
   lp:{tenant}:experiments                               zset    experiment keys (score 0)
   lp:{tenant}:experiment:<key>:sticky:<bucket_version>  hash    unit id -> variant index
-  lp:{tenant}:experiment:<key>:units:<bucket_version>   hash    variant index -> units assigned
+  lp:{tenant}:experiment:<key>:units:<bucket_version>   hash    variant index -> units assigned;
+      "<index>:a" -> Assign calls answered in the experiment, "<index>:a2" -> sum over the
+      variant's units of (their Assign calls)^2 (the design effect of request-level metrics)
+  lp:{tenant}:experiment:<key>:calls:<bucket_version>   hash    unit id -> its Assign calls
+  lp:{tenant}:experiment:<key>:seq:<bucket_version>     hash    "<source>|<metric>|<variant>"
+      -> the smallest always-valid p-value reported so far (its running minimum)
   lp:{tenant}:experiment:<key>:outcome:<bv>:<metric>:units  hash  unit id -> "count:total"
   lp:{tenant}:experiment:<key>:outcome:<bv>:<metric>        hash  "<variant index>:n|sum|sumsq"
       -> units, sum and sum of squares of the per-unit values (the statistics' inputs)
@@ -40,6 +45,7 @@ from services.experiments.model import (
     VariantAdapter,
     from_json,
 )
+from services.experiments.pipe import ScriptPipe, SyncScriptConnection
 from services.experiments.stats import Aggregate
 
 WEIGHT_TOLERANCE = 0.01
@@ -51,14 +57,35 @@ MAX_PAGE_SIZE = 1000
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-# First assignment of a unit under a bucket version wins; later calls read it back.
-# Returns the stored variant index and 1 when it was stored by this call.
-_STICKY = """
-if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
-  redis.call('HINCRBY', KEYS[2], ARGV[2], 1)
-  return {tonumber(ARGV[2]), 1}
+# One Assign, one round trip. The first assignment of a unit under a bucket version wins
+# (ARGV[2]: the hash's variant index, -1 when the hash leaves the unit out); later calls
+# read it back. Units in the experiment have their Assign calls counted. Returns the
+# variant index (-1: not in the experiment) and 1 when it was stored by this call.
+_ASSIGN = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+local created = 0
+if not v then
+  if ARGV[2] == '-1' then return {-1, 0} end
+  v = ARGV[2]
+  redis.call('HSET', KEYS[1], ARGV[1], v)
+  redis.call('HINCRBY', KEYS[2], v, 1)
+  created = 1
 end
-return {tonumber(redis.call('HGET', KEYS[1], ARGV[1])), 0}
+local m = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
+redis.call('HINCRBY', KEYS[2], v .. ':a', 1)
+redis.call('HINCRBY', KEYS[2], v .. ':a2', 2 * m - 1)
+return {tonumber(v), created}
+"""
+
+# The running minimum of always-valid p-values: ARGV holds field, p pairs.
+_RUNNING_MIN = """
+for i = 1, #ARGV, 2 do
+  local old = tonumber(redis.call('HGET', KEYS[1], ARGV[i]))
+  if (not old) or tonumber(ARGV[i + 1]) < old then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  end
+end
+return 1
 """
 
 # One outcome of a unit: updates the unit's value (rate: 1 once it converted; mean: the mean
@@ -117,6 +144,14 @@ def units_key(tenant: str, exp_key: str, bucket_version: int) -> str:
     return key(tenant, "experiment", exp_key, "units", bucket_version)
 
 
+def calls_key(tenant: str, exp_key: str, bucket_version: int) -> str:
+    return key(tenant, "experiment", exp_key, "calls", bucket_version)
+
+
+def sequential_key(tenant: str, exp_key: str, bucket_version: int) -> str:
+    return key(tenant, "experiment", exp_key, "seq", bucket_version)
+
+
 def outcome_key(tenant: str, exp_key: str, bucket_version: int, metric: str) -> str:
     return key(tenant, "experiment", exp_key, "outcome", bucket_version, metric)
 
@@ -169,55 +204,28 @@ def _check_name(what: str, value: str) -> None:
         )
 
 
-class _Batcher:
-    """Coalesces concurrent calls of one Lua script into one pipelined round trip: calls
-    made in the same event-loop turn are flushed together on the next turn. Under
-    concurrency this cuts the client-side cost per call several times (redis-py's
-    per-command overhead is most of an Assign's CPU)."""
+class _RedisPyScript:
+    """ScriptPipe's interface over redis-py, for connections ScriptPipe does not handle
+    (TLS, credential providers, clusters)."""
 
-    def __init__(self, redis: aioredis.Redis, script) -> None:
-        self.redis = redis
-        self.script = script
-        self.pending: list[tuple[list, list, asyncio.Future]] = []
+    def __init__(self, redis: aioredis.Redis, script: str) -> None:
+        self.script = redis.register_script(script)
 
-    async def call(self, keys: list, args: list):
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.pending.append((keys, args, future))
-        if len(self.pending) == 1:
-            loop.call_soon(lambda: asyncio.ensure_future(self._flush()))
-        return await future
+    async def call(self, numkeys: int, *parts):
+        return await self.script(keys=list(parts[:numkeys]), args=list(parts[numkeys:]))
 
-    async def _flush(self) -> None:
-        batch, self.pending = self.pending, []
-        if len(batch) == 1:  # nothing to coalesce: a plain call is cheaper than a pipeline
-            keys, args, future = batch[0]
-            try:
-                result = await self.script(keys=keys, args=args)
-            except Exception as err:
-                if not future.done():
-                    future.set_exception(err)
-            else:
-                if not future.done():
-                    future.set_result(result)
-            return
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    await self.script(keys=keys, args=args, client=pipe)
-                results = await pipe.execute(raise_on_error=False)
-        except Exception as err:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(err)
-            return
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.done():
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What Assign needs of one definition, computed once per definition read."""
+
+    experiment: Experiment
+    ranges: list[tuple[float, float]]
+    keys: tuple[bytes, bytes, bytes]  # sticky, units, calls
+    expires: float
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,16 @@ class Assignment:
 
 
 @dataclass(frozen=True)
+class VariantCounts:
+    """Per variant: units assigned, Assign calls answered in the experiment, and the sum
+    over units of (their Assign calls)^2."""
+
+    units: list[int]
+    assignments: list[int]
+    assignments_squared: list[int]
+
+
+@dataclass(frozen=True)
 class Update:
     """What UpdateExperiment changes; None leaves a field as it is."""
 
@@ -265,12 +283,20 @@ class ExperimentStore:
         effect at once; changes made by another replica within that many seconds."""
         self.redis = redis
         self.cache_seconds = definition_cache_seconds
-        self._cache: dict[tuple[str, str], tuple[float, Experiment]] = {}
+        self._cache: dict[tuple[str, str], _Plan] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future] = {}
-        self._sticky = redis.register_script(_STICKY)
         self._cas = redis.register_script(_CAS)
         self._outcome = redis.register_script(_OUTCOME)
-        self._sticky_batch = _Batcher(redis, self._sticky)
+        self._running_min = redis.register_script(_RUNNING_MIN)
+        supported = ScriptPipe.supports(redis)
+        self._assign = (ScriptPipe if supported else _RedisPyScript)(redis, _ASSIGN)
+        self._assign_blocking = SyncScriptConnection(redis, _ASSIGN) if supported else None
+
+    def close(self) -> None:
+        """Closes the Assign connections (the redis client is the caller's to close)."""
+        self._assign.close()
+        if self._assign_blocking is not None:
+            self._assign_blocking.close()
 
     # -- validation -------------------------------------------------------------------------
 
@@ -376,28 +402,43 @@ class ExperimentStore:
     async def get(self, tenant: str, exp_key: str) -> Experiment:
         return from_json(await self._raw(tenant, exp_key))
 
-    async def _get_for_assign(self, tenant: str, exp_key: str) -> Experiment:
-        """The definition, from the local cache when fresh; concurrent misses for one
-        experiment share a single Redis read (no connection storm on a burst)."""
-        now = time.monotonic()
+    async def _plan(self, tenant: str, exp_key: str) -> _Plan:
+        """The definition's assignment plan, from the local cache when fresh (a hit skips the
+        name checks: only checked names are cached); concurrent misses for one experiment
+        share a single Redis read (no connection storm on a burst)."""
         ident = (tenant, exp_key)
         hit = self._cache.get(ident)
-        if hit is not None and hit[0] > now:
-            return hit[1]
+        now = time.monotonic()
+        if hit is not None and hit.expires > now:
+            return hit
         inflight = self._inflight.get(ident)
         if inflight is not None:
             return await asyncio.shield(inflight)
-        task = asyncio.ensure_future(self.get(tenant, exp_key))
+        task = asyncio.ensure_future(self._read_plan(tenant, exp_key, now))
         self._inflight[ident] = task
         try:
-            exp = await asyncio.shield(task)
+            return await asyncio.shield(task)
         finally:
             self._inflight.pop(ident, None)
+
+    async def _read_plan(self, tenant: str, exp_key: str, now: float) -> _Plan:
+        exp = await self.get(tenant, exp_key)
+        version = exp.bucket_version
+        plan = _Plan(
+            exp,
+            assignment.bucket_ranges(exp.weights, exp.coverage),
+            (
+                sticky_key(tenant, exp_key, version).encode(),
+                units_key(tenant, exp_key, version).encode(),
+                calls_key(tenant, exp_key, version).encode(),
+            ),
+            now + self.cache_seconds,
+        )
         if self.cache_seconds > 0:
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[ident] = (now + self.cache_seconds, exp)
-        return exp
+            self._cache[(tenant, exp_key)] = plan
+        return plan
 
     async def list(
         self, tenant: str, page_size: int = 0, page_token: str = "", status: Status | None = None
@@ -476,49 +517,92 @@ class ExperimentStore:
             fields["alpha"] = change.alpha
         if change.bump_bucket_version:
             fields["bucket_version"] = exp.bucket_version + 1
+            fields["bucket_time"] = now
         return dataclasses.replace(exp, **fields)
 
     # -- assignment -------------------------------------------------------------------------
 
-    async def assign(self, tenant: str, exp_key: str, unit_id: str) -> Assignment:
-        check_tenant(tenant)
-        check_experiment_key(exp_key)
+    @staticmethod
+    def _check_unit(unit_id: str) -> None:
         if not unit_id:
             raise InvalidArgument("unit_id is required", reason="EMPTY_UNIT_ID")
         if len(unit_id) > MAX_UNIT_ID:
             raise InvalidArgument(
                 f"unit_id is longer than {MAX_UNIT_ID} characters", reason="UNIT_ID_TOO_LONG"
             )
-        exp = await self._get_for_assign(tenant, exp_key)
+
+    @staticmethod
+    def _bucket(plan: _Plan, exp_key: str, unit_id: str) -> tuple[int, float]:
+        """(the hash's variant index or -1, the unit's hash n); the experiment must run."""
+        exp = plan.experiment
         if exp.status != Status.RUNNING:
             raise FailedPrecondition(
                 f"experiment {exp_key!r} is {exp.status}, not running",
                 reason="EXPERIMENT_NOT_RUNNING",
             )
-        bucketing = assignment.assign(
-            unit_id,
-            exp.hash_seed,
-            exp.hash_version,
-            exp.weights,
-            exp.coverage,
-            exp.namespace_tuple,
+        n = assignment.gb_hash(exp.hash_seed, unit_id, exp.hash_version)
+        ns = exp.namespace
+        if ns is not None and not assignment.in_namespace(unit_id, ns.name, ns.start, ns.end):
+            return assignment.NOT_IN_EXPERIMENT, n
+        return assignment.choose_variation(n, plan.ranges), n
+
+    async def assign(self, tenant: str, exp_key: str, unit_id: str) -> Assignment:
+        self._check_unit(unit_id)
+        plan = await self._plan(tenant, exp_key)
+        index, n = self._bucket(plan, exp_key, unit_id)
+        # Also for a unit the hash leaves out: it may have been assigned before coverage
+        # was lowered, and then keeps its variant.
+        stored, created = await self._assign.call(3, *plan.keys, unit_id, index)
+        return Assignment(plan.experiment, stored, n, stored >= 0 and not created)
+
+    def assign_blocking(
+        self, tenant: str, exp_key: str, unit_id: str, loop: asyncio.AbstractEventLoop
+    ) -> Assignment:
+        """assign() for a worker thread of a thread-pool gRPC server: the Redis call goes
+        over this thread's own blocking connection; a definition-cache miss (and anything
+        ScriptPipe does not support) runs on `loop`, where the store's other work runs."""
+        if self._assign_blocking is None:
+            future = asyncio.run_coroutine_threadsafe(self.assign(tenant, exp_key, unit_id), loop)
+            return future.result()
+        self._check_unit(unit_id)
+        plan = self._cache.get((tenant, exp_key))
+        if plan is None or plan.expires <= time.monotonic():
+            plan = asyncio.run_coroutine_threadsafe(self._plan(tenant, exp_key), loop).result()
+        index, n = self._bucket(plan, exp_key, unit_id)
+        stored, created = self._assign_blocking.call(3, *plan.keys, unit_id, index)
+        return Assignment(plan.experiment, stored, n, stored >= 0 and not created)
+
+    async def variant_counts(self, exp: Experiment) -> VariantCounts:
+        raw = await self.redis.hgetall(units_key(exp.tenant, exp.key, exp.bucket_version))
+        counts = {k.decode(): int(v) for k, v in raw.items()}
+        size = range(len(exp.variants))
+        return VariantCounts(
+            [counts.get(str(i), 0) for i in size],
+            [counts.get(f"{i}:a", 0) for i in size],
+            [counts.get(f"{i}:a2", 0) for i in size],
         )
-        version = exp.bucket_version
-        if not bucketing.in_experiment:
-            # A unit outside coverage may have been assigned before coverage was lowered.
-            stored = await self.redis.hget(sticky_key(tenant, exp_key, version), unit_id)
-            if stored is None:
-                return Assignment(exp, -1, bucketing.bucket, False)
-            return Assignment(exp, int(stored), bucketing.bucket, True)
-        index, created = await self._sticky_batch.call(
-            keys=[sticky_key(tenant, exp_key, version), units_key(tenant, exp_key, version)],
-            args=[unit_id, bucketing.variant_index],
-        )
-        return Assignment(exp, int(index), bucketing.bucket, not created)
 
     async def units_per_variant(self, exp: Experiment) -> list[int]:
-        counts = await self.redis.hgetall(units_key(exp.tenant, exp.key, exp.bucket_version))
-        return [int(counts.get(str(i).encode(), 0)) for i in range(len(exp.variants))]
+        return (await self.variant_counts(exp)).units
+
+    # -- sequential p-values ----------------------------------------------------------------
+
+    async def sequential_floors(self, exp: Experiment) -> dict[str, float]:
+        """The running minimum of each always-valid p-value reported so far (per bucket
+        version), by "<source>|<metric>|<variant>"."""
+        raw = await self.redis.hgetall(sequential_key(exp.tenant, exp.key, exp.bucket_version))
+        return {k.decode(): float(v) for k, v in raw.items()}
+
+    async def lower_sequential_floors(self, exp: Experiment, values: dict[str, float]) -> None:
+        """Atomically lowers the stored running minima to these values where smaller."""
+        if not values:
+            return
+        args: list[str] = []
+        for field_name, p in values.items():
+            args += [field_name, repr(float(p))]
+        await self._running_min(
+            keys=[sequential_key(exp.tenant, exp.key, exp.bucket_version)], args=args
+        )
 
     # -- outcomes ---------------------------------------------------------------------------
 
@@ -584,4 +668,12 @@ class ExperimentStore:
         return out
 
 
-__all__ = ["Assignment", "ExperimentStore", "Metric", "Namespace", "Outcome", "Update"]
+__all__ = [
+    "Assignment",
+    "ExperimentStore",
+    "Metric",
+    "Namespace",
+    "Outcome",
+    "Update",
+    "VariantCounts",
+]

@@ -22,6 +22,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.common.redis import EmbeddedRedis, connect
+from services.experiments.analytics_source import AnalyticsSource
 from services.experiments.core import Assignment, ExperimentStore, Outcome, Update
 from services.experiments.model import (
     DEFAULT_PRIMARY,
@@ -34,6 +35,7 @@ from services.experiments.model import (
     Variant,
     VariantAdapter,
 )
+from services.experiments.reporting import experiment_results
 from services.experiments.results import Results, analyze
 from services.experiments.settings import ExperimentsSettings
 from services.experiments.stats import Aggregate
@@ -76,9 +78,23 @@ class ABTestingFramework:
     """A/B experiments between adapters: define, start/stop, assign, read results."""
 
     def __init__(self, redis: aioredis.Redis, settings: ExperimentsSettings | None = None) -> None:
+        """With settings.analytics_addr, results read success, latency, time to first token
+        and rating from the analytics service, as the gRPC service does."""
         self.redis = redis
+        self._owns_redis = False  # get_ab_framework() sets it for connections it opened
         self.settings = settings or ExperimentsSettings()
         self.store = ExperimentStore(redis, self.settings.definition_cache_seconds)
+        s = self.settings
+        self.analytics = (
+            AnalyticsSource(
+                s.analytics_addr,
+                s.analytics_timeout_seconds,
+                s.analytics_max_window_seconds,
+                s.base_model_name,
+            )
+            if s.analytics_addr
+            else None
+        )
         self._embedded: EmbeddedRedis | None = None
 
     async def create_experiment(
@@ -164,9 +180,12 @@ class ABTestingFramework:
         aggregates: dict[str, list[Aggregate]] | None = None,
         units_per_variant: list[int] | None = None,
     ) -> Results:
-        """Results from this service's outcome counters, or from aggregates you pass
-        (metric name -> one Aggregate per variant, e.g. from the analytics service)."""
+        """Results as GetResults gives them (analytics aggregates where configured, outcome
+        counters otherwise; the sequential p-values' running minimum kept in Redis), or
+        from aggregates you pass (metric name -> one Aggregate per variant, per unit)."""
         exp = await self.store.get(tenant, key)
+        if aggregates is None and units_per_variant is None:
+            return await experiment_results(self.store, exp, self.settings, self.analytics)
         if units_per_variant is None:
             units_per_variant = await self.store.units_per_variant(exp)
         if aggregates is None:
@@ -174,7 +193,11 @@ class ABTestingFramework:
         return analyze(exp, units_per_variant, aggregates, self.settings)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        self.store.close()
+        if self.analytics is not None:
+            await self.analytics.close()
+        if self._owns_redis:
+            await self.redis.aclose()
         if self._embedded is not None:
             self._embedded.close()
             self._embedded = None
@@ -198,6 +221,7 @@ def get_ab_framework(
         return _default
     settings = settings or ExperimentsSettings()
     embedded = None
+    owns = redis is None
     if redis is None:
         url = redis_url or settings.redis_url
         if not url:
@@ -206,4 +230,5 @@ def get_ab_framework(
         redis = connect(url)
     _default = ABTestingFramework(redis, settings)
     _default._embedded = embedded
+    _default._owns_redis = owns
     return _default

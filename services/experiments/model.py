@@ -76,6 +76,7 @@ class Experiment:
     update_time: float = 0.0
     start_time: float = 0.0
     stop_time: float = 0.0
+    bucket_time: float = 0.0  # when the current bucket version began (0: at start)
 
     @property
     def weights(self) -> list[float]:

@@ -1,14 +1,15 @@
 """Experiment results: the statistics of stats.py applied to per-variant aggregates.
 
 `analyze()` is pure: it takes the experiment, the units assigned per variant and, per
-metric, one `stats.Aggregate` per variant (units, sum and sum of squares of the per-unit
-values) — whoever keeps those counters (this service's outcome counters today, the
-analytics service's per-variant aggregates later) can feed it.
+metric, one `stats.Aggregate` per variant (observations, sum and sum of squares of the
+observed values) — from this service's per-user outcome counters or the analytics service's
+per-request aggregates (`MetricData` says which, and how correlated requests are).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -21,6 +22,30 @@ class Recommendation(StrEnum):
     SHIP = "ship"
     KEEP_RUNNING = "keep_running"
     STOP = "stop"
+
+
+@dataclass(frozen=True)
+class MetricData:
+    """One metric's per-variant aggregates and what they are made of.
+
+    design_effects (one per variant, >= 1): when an observation is a request rather than a
+    user, a user's requests are correlated and the aggregates overstate the information in
+    them. Var(mean) <= sigma^2 * sum(m_u^2) / (sum m_u)^2 for users with m_u requests each
+    (Cauchy-Schwarz, whatever the correlation), i.e. the variance of independent
+    observations times K = sum(m_u^2) / sum(m_u). The tests use n / K observations."""
+
+    aggregates: list[stats.Aggregate]
+    source: str = "outcomes"  # or "analytics"
+    unit: str = "user"  # "user", "request" or "rating"
+    design_effects: list[float] | None = None
+
+    def effective(self) -> list[stats.Aggregate]:
+        if not self.design_effects:
+            return self.aggregates
+        return [
+            stats.Aggregate(a.n / k, a.sum / k, a.sum_squares / k) if k > 1 else a
+            for a, k in zip(self.aggregates, self.design_effects, strict=True)
+        ]
 
 
 @dataclass(frozen=True)
@@ -41,9 +66,13 @@ class VariantResult:
 @dataclass(frozen=True)
 class MetricResult:
     metric: Metric
-    aggregates: list[stats.Aggregate]
+    aggregates: list[stats.Aggregate]  # as observed (before any design effect)
     comparisons: list[VariantResult]
     guardrail: bool
+    source: str = "outcomes"
+    unit: str = "user"
+    design_effects: list[float] = field(default_factory=list)  # per variant, 1: none
+    effective: list[stats.Aggregate] = field(default_factory=list)  # what the tests used
 
 
 @dataclass(frozen=True)
@@ -59,6 +88,13 @@ class Results:
     reason: str
     alpha: float = 0.05
     notes: list[str] = field(default_factory=list)
+    # Sequential p-values as reported (running minima), by sequential_field(...).
+    sequential: dict[str, float] = field(default_factory=dict)
+    assignments_per_variant: list[int] = field(default_factory=list)
+
+
+def sequential_field(source: str, metric: str, variant: str) -> str:
+    return f"{source}|{metric}|{variant}"
 
 
 def _tau2(metric: Metric, control: stats.Aggregate, mde: float, scale: float) -> float:
@@ -76,6 +112,7 @@ def _compare(
     alpha: float,
     mde: float,
     tau_scale: float,
+    floor: float = 1.0,
 ) -> VariantResult:
     higher = metric.goal == Goal.INCREASE
     rate = metric.kind == MetricKind.RATE
@@ -88,6 +125,8 @@ def _compare(
     sequential = stats.msprt(
         control, variant, _tau2(metric, control, mde, tau_scale), alpha, rate=rate
     )
+    if floor < sequential.p_value:  # the running minimum over looks (always valid too)
+        sequential = stats.Sequential(floor, sequential.ci)
     if not higher:  # report lifts so that positive means "better"
         comparison = stats.Comparison(
             comparison.control_mean,
@@ -108,31 +147,62 @@ def _pct(x: float) -> str:
 def analyze(
     exp: Experiment,
     units_per_variant: list[int],
-    aggregates: dict[str, list[stats.Aggregate]],
+    aggregates: Mapping[str, list[stats.Aggregate] | MetricData],
     settings: ExperimentsSettings,
+    sequential_floors: Mapping[str, float] | None = None,
+    notes: Sequence[str] = (),
 ) -> Results:
+    """sequential_floors: the smallest always-valid p-value reported before, per
+    sequential_field(source, metric, variant); the reported one is the running minimum."""
     alpha = exp.alpha or settings.default_alpha
     power = exp.target_power or settings.default_power
     mde = exp.minimum_detectable_effect or settings.default_minimum_detectable_effect
     names = [v.name for v in exp.variants]
+    floors = sequential_floors or {}
 
     srm_p = stats.srm_pvalue(units_per_variant, exp.weights)
     srm = srm_p < settings.srm_threshold
 
     metric_results: list[MetricResult] = []
     for index, metric in enumerate(exp.metrics):
-        aggs = aggregates.get(metric.name) or [stats.Aggregate(0, 0.0, 0.0)] * len(names)
+        data = aggregates.get(metric.name)
+        if data is None:
+            data = MetricData([stats.Aggregate(0, 0.0, 0.0)] * len(names))
+        elif not isinstance(data, MetricData):
+            data = MetricData(list(data))
+        aggs = data.effective()
         control = aggs[0]
         comparisons = [
-            _compare(metric, control, aggs[i], names[i], alpha, mde, settings.sequential_tau)
+            _compare(
+                metric,
+                control,
+                aggs[i],
+                names[i],
+                alpha,
+                mde,
+                settings.sequential_tau,
+                floors.get(sequential_field(data.source, metric.name, names[i]), 1.0),
+            )
             for i in range(1, len(names))
             if control.n >= 2 and aggs[i].n >= 2
         ]
-        metric_results.append(MetricResult(metric, aggs, comparisons, guardrail=index > 0))
+        metric_results.append(
+            MetricResult(
+                metric,
+                data.aggregates,
+                comparisons,
+                guardrail=index > 0,
+                source=data.source,
+                unit=data.unit,
+                design_effects=list(data.design_effects or [1.0] * len(names)),
+                effective=aggs,
+            )
+        )
 
-    # Required sample size for the primary metric, from the control's baseline.
+    # Required sample size for the primary metric, from the control's baseline (in the
+    # metric's effective observations).
     primary = metric_results[0]
-    control = primary.aggregates[0]
+    control = primary.effective[0]
     required = 0
     if control.n >= 2:
         if primary.metric.kind == MetricKind.RATE:
@@ -141,7 +211,7 @@ def analyze(
             required = stats.required_sample_size(
                 control.mean, mde, alpha, power, variance=control.variance
             )
-    observed = [a.n for a in primary.aggregates]
+    observed = [a.n for a in primary.effective]
     min_units = max(required, settings.min_units_per_variant)
     reached = control.n >= 2 and min(observed) >= min_units
 
@@ -151,12 +221,16 @@ def analyze(
     adjusted = stats.holm([c.comparison.p_value for c in family])
     m = max(len(family), 1)
     it = iter(adjusted)
+    sequential: dict[str, float] = {}
     for mr in metric_results:
         for i, c in enumerate(mr.comparisons):
             adj = next(it)
             significant = (reached and adj < alpha) or c.sequential.p_value < alpha / m
             mr.comparisons[i] = VariantResult(
                 c.variant, c.comparison, c.bayesian, c.sequential, adj, significant
+            )
+            sequential[sequential_field(mr.source, mr.metric.name, c.variant)] = (
+                c.sequential.p_value
             )
 
     recommendation, reason = _recommend(
@@ -173,6 +247,8 @@ def analyze(
         recommendation,
         reason,
         alpha,
+        list(notes),
+        sequential,
     )
 
 
@@ -230,11 +306,18 @@ def _recommend(
         return (
             Recommendation.STOP,
             f"no significant difference on {primary.metric.name} at the planned sample size "
-            f"({min(observed)} units per variant): the variants are equivalent within the "
-            "minimum detectable effect; keep control",
+            f"({min(observed):.0f} {_unit(primary)} per variant): the variants are equivalent "
+            "within the minimum detectable effect; keep control",
         )
     return (
         Recommendation.KEEP_RUNNING,
-        f"{min(observed)} of {min_units} units per variant so far and no significant "
-        "difference yet; the sequential test allows looking again any time",
+        f"{min(observed):.0f} of {min_units} {_unit(primary)} per variant so far and no "
+        "significant difference yet; the sequential test allows looking again any time",
     )
+
+
+def _unit(metric: MetricResult) -> str:
+    plural = f"{metric.unit}s"
+    if any(k > 1 for k in metric.design_effects):
+        return f"effective {plural}"
+    return plural if metric.unit != "user" else "units"

@@ -7,6 +7,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from loraplex.experiments.v1 import experiments_service_pb2 as pb
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as pb_grpc
 from services.common.errors import InvalidArgument
+from services.experiments.analytics_source import AnalyticsSource
 from services.experiments.core import Assignment, ExperimentStore, Outcome, Update
 from services.experiments.model import (
     DEFAULT_PRIMARY,
@@ -19,7 +20,8 @@ from services.experiments.model import (
     Variant,
     VariantAdapter,
 )
-from services.experiments.results import Recommendation, Results, analyze
+from services.experiments.reporting import experiment_results
+from services.experiments.results import Recommendation, Results
 from services.experiments.settings import ExperimentsSettings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExperimentsService"].full_name
@@ -132,12 +134,21 @@ def experiment_from_pb(tenant: str, msg: pb.Experiment) -> Experiment:
     )
 
 
-def assignment_to_pb(result: Assignment) -> pb.AssignResponse:
-    variant = result.variant
+def assignment_to_pb(
+    result: Assignment, variants: list[pb.Variant] | None = None
+) -> pb.AssignResponse:
+    """variants: the experiment's variants as protos, when the caller keeps them."""
+    index = result.variant_index
+    if index < 0:
+        variant = None
+    elif variants is not None:
+        variant = variants[index]
+    else:
+        variant = variant_to_pb(result.experiment.variants[index])
     return pb.AssignResponse(
-        in_experiment=result.in_experiment,
-        variant_index=result.variant_index,
-        variant=variant_to_pb(variant) if variant else None,
+        in_experiment=index >= 0,
+        variant_index=index,
+        variant=variant,
         bucket=result.bucket,
         sticky=result.sticky,
         bucket_version=result.experiment.bucket_version,
@@ -161,7 +172,12 @@ def results_to_pb(res: Results) -> pb.GetResultsResponse:
                 guardrail=mr.guardrail,
                 stats=[
                     pb.VariantMetricStats(
-                        variant=names[i], units=a.n, sum=a.sum, sum_squares=a.sum_squares
+                        variant=names[i],
+                        units=int(a.n),
+                        sum=a.sum,
+                        sum_squares=a.sum_squares,
+                        design_effect=mr.design_effects[i],
+                        effective_units=mr.effective[i].n,
                     )
                     for i, a in enumerate(mr.aggregates)
                 ],
@@ -183,6 +199,8 @@ def results_to_pb(res: Results) -> pb.GetResultsResponse:
                     )
                     for c in mr.comparisons
                 ],
+                source=mr.source,
+                analysis_unit=mr.unit,
             )
         )
     return pb.GetResultsResponse(
@@ -195,6 +213,8 @@ def results_to_pb(res: Results) -> pb.GetResultsResponse:
         sample_size_reached=res.sample_size_reached,
         recommendation=_RECOMMENDATION[res.recommendation],
         recommendation_reason=res.reason,
+        notes=res.notes,
+        assignments_per_variant=res.assignments_per_variant,
     )
 
 
@@ -226,9 +246,26 @@ def update_from_pb(request: pb.UpdateExperimentRequest) -> Update:
 
 
 class ExperimentsServicer(pb_grpc.ExperimentsServiceServicer):
-    def __init__(self, store: ExperimentStore, settings: ExperimentsSettings) -> None:
+    def __init__(
+        self,
+        store: ExperimentStore,
+        settings: ExperimentsSettings,
+        analytics: AnalyticsSource | None = None,
+    ) -> None:
         self.store = store
         self.settings = settings
+        self.analytics = analytics
+        # The variants of each definition Assign has served, as protos (built once).
+        # Keyed by id(): the entry holds the definition, so the id cannot be reused.
+        self._variants: dict[int, tuple[Experiment, list[pb.Variant]]] = {}
+
+    def variant_protos(self, exp: Experiment) -> list[pb.Variant]:
+        found = self._variants.get(id(exp))
+        if found is None or found[0] is not exp:
+            if len(self._variants) > 1000:
+                self._variants.clear()
+            found = self._variants[id(exp)] = (exp, [variant_to_pb(v) for v in exp.variants])
+        return found[1]
 
     async def CreateExperiment(self, request, context):
         exp = await self.store.create(experiment_from_pb(request.tenant, request.experiment))
@@ -252,7 +289,7 @@ class ExperimentsServicer(pb_grpc.ExperimentsServiceServicer):
 
     async def Assign(self, request, context):
         result = await self.store.assign(request.tenant, request.experiment_key, request.unit_id)
-        return assignment_to_pb(result)
+        return assignment_to_pb(result, self.variant_protos(result.experiment))
 
     async def RecordOutcomes(self, request, context):
         recorded, skipped = await self.store.record_outcomes(
@@ -263,6 +300,5 @@ class ExperimentsServicer(pb_grpc.ExperimentsServiceServicer):
 
     async def GetResults(self, request, context):
         exp = await self.store.get(request.tenant, request.key)
-        units = await self.store.units_per_variant(exp)
-        aggregates = await self.store.aggregates(exp)
-        return results_to_pb(analyze(exp, units, aggregates, self.settings))
+        res = await experiment_results(self.store, exp, self.settings, self.analytics)
+        return results_to_pb(res)

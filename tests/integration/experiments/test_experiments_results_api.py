@@ -9,6 +9,8 @@ from experiments_testlib import new_tenant, register_adapter
 from loraplex.experiments.v1 import experiments_service_pb2 as pb
 from services.common.errors import NotFound
 from services.experiments import stats
+from services.experiments.reporting import experiment_results
+from services.experiments.settings import ExperimentsSettings
 from tests.helpers import error_reason
 
 pytestmark = pytest.mark.integration
@@ -177,3 +179,62 @@ async def test_library_without_redis_url_starts_an_embedded_redis(monkeypatch, t
             await ab.get_experiment("someone", "nothing")
     finally:
         await ab.close()
+
+
+async def test_sequential_p_value_is_the_running_minimum_over_looks(
+    exp_stub, exp_redis, experiments_server
+):
+    """Always-valid p-values are monotone: p_n = min(p_{n-1}, 1/Lambda_n). A strong early
+    effect diluted by later null data lowers 1/Lambda and then raises it again; the reported
+    value keeps its minimum, in Redis (another replica reports the same), per bucket
+    version."""
+    tenant = await running_experiment(exp_stub, exp_redis, minimum_detectable_effect=0.5)
+
+    async def record(first: int, count: int, rate: dict[int, float]) -> None:
+        outcomes = []
+        for i in range(first, first + count):
+            uid = f"u{i}"
+            v = (
+                await exp_stub.Assign(
+                    pb.AssignRequest(tenant=tenant, experiment_key="res", unit_id=uid)
+                )
+            ).variant_index
+            value = float((i * 7919 % 1000) / 1000 < rate[v])
+            outcomes.append(
+                pb.Outcome(experiment_key="res", unit_id=uid, metric="success", value=value)
+            )
+        for start in range(0, len(outcomes), 1000):
+            await exp_stub.RecordOutcomes(
+                pb.RecordOutcomesRequest(tenant=tenant, outcomes=outcomes[start : start + 1000])
+            )
+
+    async def look() -> tuple[float, float]:
+        res = await exp_stub.GetResults(pb.GetResultsRequest(tenant=tenant, key="res"))
+        (c,) = res.metrics[0].comparisons
+        ctl, var = res.metrics[0].stats
+        current = stats.msprt(
+            stats.Aggregate.rate(ctl.units, ctl.sum),
+            stats.Aggregate.rate(var.units, var.sum),
+            (1.0 * 0.5 * ctl.sum / ctl.units) ** 2,  # results._tau2: tau = MDE x baseline
+            rate=True,
+        ).p_value
+        return c.sequential_p_value, current
+
+    await record(0, 400, {0: 0.2, 1: 0.45})  # a strong effect early
+    first, current = await look()
+    assert first == pytest.approx(current) and first < 0.05
+    await record(400, 4000, {0: 0.3, 1: 0.3})  # then a long stretch of no difference
+    second, current = await look()
+    assert current > first  # 1/Lambda alone went back up ...
+    assert second == first  # ... the reported p-value did not
+    # kept in Redis: a store that never saw the first look reports the same
+    _, store = experiments_server
+    exp = await store.get(tenant, "res")
+    again = await experiment_results(store, exp, ExperimentsSettings())
+    assert again.sequential == {"outcomes|success|treat": first}
+    # a new bucket version starts afresh
+    await exp_stub.UpdateExperiment(
+        pb.UpdateExperimentRequest(tenant=tenant, key="res", bump_bucket_version=True)
+    )
+    res = await exp_stub.GetResults(pb.GetResultsRequest(tenant=tenant, key="res"))
+    assert not res.metrics[0].comparisons and sum(res.units_per_variant) == 0

@@ -45,6 +45,10 @@ def ok(**kw) -> Event:
         (ok(time=NOW + 3600), "TIMESTAMP_IN_FUTURE"),
         (ok(time=NOW - 365 * 86400), "TIMESTAMP_TOO_OLD"),
         (ok(version=2**32), "INVALID_VERSION"),
+        (ok(latency_seconds=2e6), "LATENCY_TOO_LARGE"),
+        (ok(ttft_seconds=2e6), "LATENCY_TOO_LARGE"),
+        (ok(completion_tokens=2**33), "TOO_MANY_TOKENS"),
+        (ok(kind="feedback", rating=-1e7), "RATING_OUT_OF_RANGE"),
     ],
 )
 def test_reject_reason(event, reason):
@@ -69,10 +73,20 @@ async def test_oversized_batch_is_invalid_argument_and_all_bad_batch_writes_noth
     with pytest.raises(InvalidArgument) as info:
         await core.record_batch("", [ok()])
     assert info.value.reason == "INVALID_BATCH_ID"
-    result = await core.record_batch("b2", [ok(adapter=""), ok(latency_seconds=-1)], now=NOW)
+    result = await core.record_batch(
+        "b2", [ok(adapter=""), ok(latency_seconds=-1), ok(prompt_tokens=10**30)], now=NOW
+    )
     assert result.accepted == 0
-    assert result.rejected == [(0, "MISSING_ADAPTER"), (1, "NEGATIVE_LATENCY")]
-    assert result.rejected_by_reason == {"MISSING_ADAPTER": 1, "NEGATIVE_LATENCY": 1}
+    assert result.rejected == [
+        (0, "MISSING_ADAPTER"),
+        (1, "NEGATIVE_LATENCY"),
+        (2, "TOO_MANY_TOKENS"),
+    ]
+    assert result.rejected_by_reason == {
+        "MISSING_ADAPTER": 1,
+        "NEGATIVE_LATENCY": 1,
+        "TOO_MANY_TOKENS": 1,
+    }
 
 
 def test_rating_stddev_from_sums_of_squares():
