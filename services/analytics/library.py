@@ -24,7 +24,7 @@ from services.analytics.core import (
     SeriesFilter,
 )
 from services.analytics.settings import AnalyticsSettings
-from services.common.redis import connect
+from services.common.redis import EmbeddedRedis, connect
 
 __all__ = ["AdapterAnalytics", "Event", "Metrics", "SeriesFilter", "get_analytics"]
 
@@ -34,9 +34,13 @@ class AdapterAnalytics:
 
     def __init__(
         self,
-        redis: aioredis.Redis | str,
+        redis: aioredis.Redis | str | None = None,
         settings: AnalyticsSettings | None = None,
     ) -> None:
+        """redis: a client, a URL, or None for an embedded redis-server of its own."""
+        self._embedded = EmbeddedRedis() if redis is None else None
+        if self._embedded is not None:
+            redis = self._embedded.url
         self._owns_redis = isinstance(redis, str)
         self.redis = connect(redis) if isinstance(redis, str) else redis
         self.settings = settings or AnalyticsSettings()
@@ -88,6 +92,8 @@ class AdapterAnalytics:
     async def close(self) -> None:
         if self._owns_redis:
             await self.redis.aclose()
+        if self._embedded is not None:
+            self._embedded.close()
 
     async def __aenter__(self) -> AdapterAnalytics:
         return self
@@ -100,9 +106,7 @@ def get_analytics(
     redis_url: str | None = None, settings: AnalyticsSettings | None = None
 ) -> AdapterAnalytics:
     """An AdapterAnalytics on redis_url, else on the settings' REDIS_URL (config/analytics.yaml
-    overridden by the environment)."""
+    overridden by the environment), else on an embedded redis-server of its own (as every
+    service does without REDIS_URL)."""
     settings = settings or AnalyticsSettings()
-    url = redis_url or settings.redis_url
-    if not url:
-        raise ValueError("no Redis URL: pass redis_url or set REDIS_URL")
-    return AdapterAnalytics(url, settings)
+    return AdapterAnalytics(redis_url or settings.redis_url, settings)

@@ -319,3 +319,16 @@ async def test_library_api(redis_url):
         assert m.requests == 4
         top = await analytics.top_adapters(tenant, "requests", end=HOUR_START + 3600)
         assert [r.adapter for r in top] == ["lib"]
+
+
+async def test_library_api_without_redis_url_runs_its_own_redis(monkeypatch):
+    from services import get_analytics
+    from services.analytics.library import Event
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    async with get_analytics() as analytics:
+        assert analytics.redis.connection_pool.connection_kwargs.get("path")  # unix socket
+        event = Event(tenant="solo", adapter="lib", latency_seconds=0.2, time=HOUR_START + 60)
+        assert (await analytics.record("solo-1", [event])).accepted == 1
+        m = await analytics.adapter_metrics("solo", "lib", 3600, end=HOUR_START + 3600)
+        assert m.requests == 1
