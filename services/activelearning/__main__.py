@@ -21,6 +21,7 @@ def _create(
         for name, addr in (
             ("analytics", settings.analytics_addr),
             ("experiments", settings.experiments_addr),
+            ("inference", settings.inference_addr if settings.embed_with_model else None),
         )
         if addr
     }
@@ -30,6 +31,7 @@ def _create(
 async def _warm_up(core: ActiveLearningCore) -> None:
     if core.forwarder is not None:
         core.forwarder.start()
+    core.start()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as pb_grpc
 from services.activelearning.core import ActiveLearningCore
+from services.activelearning.embedder import ModelEmbedder
 from services.activelearning.forward import FeedbackForwarder
 from services.activelearning.servicer import SERVICE_NAME, ActiveLearningServicer
 from services.activelearning.settings import ActiveLearningSettings
@@ -19,13 +20,23 @@ def create_server(
     *,
     analytics_channel: grpc.aio.Channel | None = None,
     experiments_channel: grpc.aio.Channel | None = None,
+    inference_channel: grpc.aio.Channel | None = None,
 ) -> tuple[Server, ActiveLearningCore]:
     """Not started: `await server.start()`, `core.forwarder.start()` when there is one,
-    then (once Redis answers) `await server.set_ready()`."""
+    `core.start()` (background model embeddings, with an inference channel), then (once
+    Redis answers) `await server.set_ready()`."""
     forwarder = None
     if analytics_channel is not None or experiments_channel is not None:
         forwarder = FeedbackForwarder(analytics_channel, experiments_channel)
-    core = ActiveLearningCore(settings, redis, forwarder)
+    embedder = None
+    if inference_channel is not None:
+        embedder = ModelEmbedder(
+            inference_channel,
+            settings.embedding_dim,
+            timeout_seconds=settings.embed_timeout_seconds,
+            retry_seconds=settings.embed_retry_seconds,
+        )
+    core = ActiveLearningCore(settings, redis, forwarder, embedder)
     spec = ServiceSpec(
         SERVICE_NAME,
         ActiveLearningServicer(core),

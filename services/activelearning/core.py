@@ -3,6 +3,9 @@ export and agreement. No gRPC here; storage is services.activelearning.queue."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import math
 import re
 import secrets
@@ -18,6 +21,7 @@ import redis.asyncio as aioredis
 
 from services.activelearning import export, selection
 from services.activelearning.agreement import krippendorff_alpha
+from services.activelearning.embedder import ModelEmbedder
 from services.activelearning.forward import FeedbackForwarder
 from services.activelearning.queue import (
     SELECTED_BASE,
@@ -40,6 +44,8 @@ from services.activelearning.settings import ActiveLearningSettings
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.names import check_adapter_name, check_tenant
 
+log = logging.getLogger(__name__)
+
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REVIEWER = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,6 +56,13 @@ CANDIDATES = prometheus_client.Counter(
     "loraplex_activelearning_candidates_total",
     "Candidates by outcome (accepted, duplicate, rejected).",
     ["outcome"],
+)
+EMBEDDINGS = prometheus_client.Counter(
+    "loraplex_activelearning_embeddings_total",
+    "Candidate embeddings by final source: caller (sent with the candidate), model "
+    "(inference Embed, in the background), ngram (hashed n-grams: no inference configured), "
+    "ngram_fallback (inference failed, timed out or the backlog was full).",
+    ["source"],
 )
 FEEDBACK = prometheus_client.Counter(
     "loraplex_activelearning_feedback_total", "Feedback answers recorded, by kind.", ["kind"]
@@ -112,6 +125,10 @@ class Export:
     truncated: bool
 
 
+def _embedding_text(c: StoredCandidate) -> str:
+    return c.prompt + "\n" + c.output
+
+
 def check_reviewer(reviewer: str) -> str:
     if not _REVIEWER.fullmatch(reviewer or ""):
         raise InvalidArgument(
@@ -127,11 +144,15 @@ class ActiveLearningCore:
         settings: ActiveLearningSettings,
         redis: aioredis.Redis,
         forwarder: FeedbackForwarder | None = None,
+        embedder: ModelEmbedder | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.queue = FeedbackQueue(redis, settings.retention_seconds)
         self.forwarder = forwarder
+        self.embedder = embedder
+        self._embed_jobs: asyncio.Queue[tuple[str, list[str], list[str]]] | None = None
+        self._embed_task: asyncio.Task | None = None
         self.default_method = parse_method(settings.default_method)
         if settings.reviews_per_item < 1:
             raise ValueError("reviews_per_item must be at least 1")
@@ -145,7 +166,8 @@ class ActiveLearningCore:
     # --- candidates ---------------------------------------------------------------------
 
     def _prepare(self, c: CandidateIn) -> StoredCandidate:
-        """The candidate scored and ready to store; CandidateError says why not."""
+        """The candidate scored and ready to store; CandidateError says why not. Without a
+        caller's embedding, `embedding` is empty until `_embed_ngrams` fills it."""
         if c.id and not _ID.fullmatch(c.id):
             raise CandidateError(
                 "id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
@@ -184,7 +206,7 @@ class ActiveLearningCore:
             if not np.isfinite(embedding).all():
                 raise CandidateError("embedding values must be finite", reason="NOT_FINITE")
         else:
-            embedding = text_embedding(c.prompt + "\n" + c.output, dim)
+            embedding = np.zeros(0, dtype=np.float32)
         method = self.default_method
         return StoredCandidate(
             id=c.id or f"al-{uuid.uuid4().hex}",
@@ -227,6 +249,7 @@ class ActiveLearningCore:
                 continue
             seen.add(stored.id)
             ready.append(stored)
+        missing = self._embed_ngrams(ready)
         added = await self.queue.add(
             tenant,
             ready,
@@ -234,6 +257,13 @@ class ActiveLearningCore:
             required=self.settings.reviews_per_item,
             auto_enqueue=self.settings.auto_enqueue,
         )
+        new_ids = {stored.id for stored, new in zip(ready, added, strict=True) if new}
+        new_missing = [c for c in missing if c.id in new_ids]
+        EMBEDDINGS.labels("caller").inc(len(new_ids) - len(new_missing))
+        if self.embedder is None:
+            EMBEDDINGS.labels("ngram").inc(len(new_missing))
+        else:
+            self._schedule_model_embeddings(tenant, new_missing)
         for stored, new in zip(ready, added, strict=True):
             result.ids.append(stored.id)
             if new:
@@ -244,6 +274,65 @@ class ActiveLearningCore:
         CANDIDATES.labels("duplicate").inc(result.duplicates)
         CANDIDATES.labels("rejected").inc(len(result.rejected))
         return result
+
+    def _embed_ngrams(self, ready: list[StoredCandidate]) -> list[StoredCandidate]:
+        """Give the candidates that came without an embedding hashed character n-grams of
+        `prompt + "\n" + output` (at once: SubmitCandidates never waits for a model);
+        returns those candidates."""
+        missing = [c for c in ready if not c.embedding.size]
+        dim = self.settings.embedding_dim
+        for c in missing:
+            c.embedding = text_embedding(_embedding_text(c), dim)
+        return missing
+
+    def _schedule_model_embeddings(self, tenant: str, stored: list[StoredCandidate]) -> None:
+        """Queue the background replacement of these n-gram embeddings by the model's."""
+        if not stored:
+            return
+        if self._embed_jobs is None or self._embed_jobs.full():
+            EMBEDDINGS.labels("ngram_fallback").inc(len(stored))
+            log.warning(
+                "model embedding not started or its backlog is full, keeping hashed n-grams",
+                extra={"tenant": tenant, "candidates": len(stored)},
+            )
+            return
+        job = (tenant, [c.id for c in stored], [_embedding_text(c) for c in stored])
+        self._embed_jobs.put_nowait(job)
+
+    def start(self) -> None:
+        """Start the background model embedding (with an embedder; inside the event loop)."""
+        if self.embedder is not None and self._embed_task is None:
+            self._embed_jobs = asyncio.Queue(maxsize=self.settings.embed_backlog_batches)
+            self._embed_task = asyncio.create_task(self._embed_worker())
+
+    async def close(self) -> None:
+        if self._embed_task is not None:
+            self._embed_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._embed_task
+            self._embed_task = None
+
+    async def embeddings_settled(self) -> None:
+        """Wait until every queued background embedding is done (tests, shutdown)."""
+        if self._embed_jobs is not None:
+            await self._embed_jobs.join()
+
+    async def _embed_worker(self) -> None:
+        assert self._embed_jobs is not None and self.embedder is not None
+        while True:
+            tenant, ids, texts = await self._embed_jobs.get()
+            try:
+                rows, _ = await self.embedder.embed(tenant, texts)
+                if rows is None:
+                    EMBEDDINGS.labels("ngram_fallback").inc(len(ids))
+                else:
+                    await self.queue.set_embeddings(tenant, ids, rows)
+                    EMBEDDINGS.labels("model").inc(len(ids))
+            except Exception:  # Redis trouble: those candidates keep their n-grams
+                log.exception("storing model embeddings failed", extra={"tenant": tenant})
+                EMBEDDINGS.labels("ngram_fallback").inc(len(ids))
+            finally:
+                self._embed_jobs.task_done()
 
     # --- selection ----------------------------------------------------------------------
 

@@ -75,6 +75,19 @@ return res
 """
 
 # KEYS: open, queue. ARGV: item prefix, method, then id, priority pairs. Open items only.
+# KEYS: feat. ARGV: (id, value) pairs. Replaces only fields that exist (items that left the
+# open pool meanwhile stay gone).
+_SET_FEAT = """
+local n = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 1 then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
+"""
+
 _ENQUEUE = """
 local n = 0
 for i = 3, #ARGV, 2 do
@@ -223,6 +236,7 @@ class FeedbackQueue:
         self._enqueue = redis.register_script(_ENQUEUE)
         self._next = redis.register_script(_NEXT)
         self._answer = redis.register_script(_ANSWER)
+        self._set_feat = redis.register_script(_SET_FEAT)
 
     @staticmethod
     def k(tenant: str, *parts: object) -> str:
@@ -285,6 +299,25 @@ class FeedbackQueue:
         # All vectors have the same width (one embedding size per server).
         matrix = np.stack(vectors) if vectors else np.zeros((0, width), np.float32)
         return Pool(keep, adapters, matrix[:, :n].astype(np.float64), matrix[:, n:])
+
+    async def set_embeddings(self, tenant: str, ids: list[str], embeddings: np.ndarray) -> int:
+        """Replace the embeddings of these open candidates (same size as before); returns
+        how many were still open."""
+        key = self.k(tenant, "feat")
+        raw = await self.redis.hmget(key, ids) if ids else []
+        head = len(METHODS) * 4
+        args: list[Any] = []
+        for item_id, value, vector in zip(ids, raw, embeddings, strict=True):
+            if value is None:
+                continue
+            adapter, _, blob = value.partition(b"\x00")
+            vector = np.asarray(vector, dtype=np.float32)
+            if len(blob) != head + vector.nbytes:
+                continue
+            args += [item_id, adapter + b"\x00" + blob[:head] + vector.tobytes()]
+        if not args:
+            return 0
+        return int(await self._set_feat(keys=[key], args=args))
 
     async def enqueue(self, tenant: str, method: str, priorities: list[tuple[str, float]]) -> int:
         args: list[Any] = [self.item_prefix(tenant), method]

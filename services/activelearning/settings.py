@@ -20,7 +20,9 @@ class ActiveLearningSettings(ServiceSettings):
     hybrid_pool_factor: int = 10
     # Cosine similarity (of embeddings) at or above which a candidate is a near-duplicate.
     duplicate_threshold: float = 0.9
-    # Size of the server's hashed n-gram text embeddings.
+    # Size of candidate embeddings (caller's, model's and hashed n-grams'); with
+    # inference_addr it must be the model's hidden size (loraplex-tiny: 256), else the
+    # service falls back to hashed n-grams.
     embedding_dim: int = 256
     max_text_chars: int = 32_000
     # Candidates and their feedback records expire after this long.
@@ -29,3 +31,16 @@ class ActiveLearningSettings(ServiceSettings):
     # host:port of the analytics / experiments services; unset: feedback is not forwarded.
     analytics_addr: str | None = None
     experiments_addr: str | None = None
+    # host:port of the inference service: candidates without an embedding are stored with
+    # hashed n-grams, then get the base model's (Embed RPC) in the background; unset, or
+    # when that fails, they keep the n-grams.
+    inference_addr: str | None = None
+    # Off by default: each candidate then costs a forward pass on the model that serves
+    # generation. Worth it where the model runs on a GPU; on CPU it slows serving down.
+    embed_with_model: bool = False
+    # Longest the background embedding of one SubmitCandidates batch waits; after a failure
+    # inference is not asked again for embed_retry_seconds. At most embed_backlog_batches
+    # batches wait to be embedded (more keep their n-grams).
+    embed_timeout_seconds: float = 30.0
+    embed_retry_seconds: float = 30.0
+    embed_backlog_batches: int = 1000

@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_STOP_SEQUENCES = 4
+# Embed: texts per request, and padded tokens (rows x longest) per forward pass; a request
+# runs as several passes, between which decode steps go on.
+MAX_EMBED_TEXTS = 256
+EMBED_BATCH_TOKENS = 8192
 CHAT_ROLES = {"system", "user", "assistant"}
 
 
@@ -438,6 +442,59 @@ class InferenceCore:
         record = await self.resolve(tenant, adapter_name, adapter_version)
         scores = await self._run(record, lambda w: engine.score(prompt_ids, completion_ids, w))
         return scores, record
+
+    async def embed(
+        self,
+        tenant: str,
+        adapter_name: str,
+        adapter_version: int,
+        texts: list[str],
+        truncate: bool = False,
+    ) -> tuple[list[list[float]], list[int], int, AdapterRecord | None]:
+        """(one unit vector per text, tokens per text, dimension, the adapter that served):
+        the masked mean of the last hidden state. Texts longer than the context are refused
+        (CONTEXT_LENGTH_EXCEEDED) unless truncate, which keeps their first tokens."""
+        engine = self.engine
+        if not texts or any(not t for t in texts):
+            raise InvalidArgument("give one or more non-empty texts", reason="BAD_INPUT")
+        if len(texts) > MAX_EMBED_TEXTS:
+            raise InvalidArgument(
+                f"{len(texts)} texts in one call, at most {MAX_EMBED_TEXTS} are allowed",
+                reason="TOO_MANY_TEXTS",
+                max_texts=str(MAX_EMBED_TEXTS),
+            )
+        context = engine.context_length
+        ids = [engine.encode(t) for t in texts]
+        for index, seq in enumerate(ids):
+            if len(seq) > context and not truncate:
+                raise InvalidArgument(
+                    f"text {index} is {len(seq)} tokens, more than the model's context of "
+                    f"{context}",
+                    reason="CONTEXT_LENGTH_EXCEEDED",
+                    index=str(index),
+                    context_length=str(context),
+                )
+        ids = [seq[:context] for seq in ids]
+        record = await self.resolve(tenant, adapter_name, adapter_version)
+        # Similar lengths together, each pass within EMBED_BATCH_TOKENS padded tokens.
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        vectors: list[list[float]] = [[] for _ in ids]
+        start = 0
+        while start < len(order):
+            end = start + 1
+            # Sorted by length: the row joining is the longest, and sets the padding.
+            while end < len(order) and len(ids[order[end]]) * (end - start + 1) <= (
+                EMBED_BATCH_TOKENS
+            ):
+                end += 1
+            chunk = order[start:end]
+            batch = [ids[i] for i in chunk]
+            result = await self._run(record, lambda w, batch=batch: engine.embed(batch, w))
+            for i, row in zip(chunk, result.tolist(), strict=True):
+                vectors[i] = row
+            start = end
+        dimension = len(vectors[0])
+        return vectors, [len(seq) for seq in ids], dimension, record
 
     async def _run(self, record: AdapterRecord | None, work: Callable[[LoraWeights | None], T]):
         """Run work on the model thread, between decode steps, with the adapter pinned."""

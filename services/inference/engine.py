@@ -153,3 +153,23 @@ class Engine:
                 chosen = logp[positions, ids[0, len(prompt_ids) :]]
                 results.append(TokenScores(token_logprobs=chosen.tolist()))
             return results
+
+    @torch.inference_mode()
+    def embed(self, texts_ids: list[list[int]], adapter: LoraWeights | None) -> torch.Tensor:
+        """One unit-length vector per token sequence: the attention-masked mean over its
+        tokens of the last hidden state (after the final norm), float32 [n, hidden_size].
+        The sequences run as one batch, right-padded (causal attention: real tokens never
+        see the padding after them, and their positions start at 0 as unbatched)."""
+        longest = max(len(ids) for ids in texts_ids)
+        ids = torch.full((len(texts_ids), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(texts_ids), longest), dtype=torch.long)
+        for row, seq in enumerate(texts_ids):
+            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[row, : len(seq)] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        with self.adapters([adapter] * len(texts_ids)):
+            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask)
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        summed = (hidden.last_hidden_state.float() * weights).sum(dim=1)
+        mean = summed / weights.sum(dim=1).clamp(min=1.0)
+        return torch.nn.functional.normalize(mean, dim=-1).cpu()

@@ -172,6 +172,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             adapter=adapter_ref(record),
         )
 
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        vectors, tokens, dimension, record = await self.core.embed(
+            request.tenant,
+            request.adapter.name,
+            request.adapter.version,
+            list(request.texts),
+            truncate=request.truncate,
+        )
+        return pb.EmbedResponse(
+            embeddings=[
+                pb.Embedding(values=v, num_tokens=n) for v, n in zip(vectors, tokens, strict=True)
+            ],
+            dimension=dimension,
+            adapter=adapter_ref(record),
+        )
+
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context):
         records, next_token = await self.core.registry.list(
             request.tenant, request.page_size, request.page_token
