@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,10 +133,14 @@ class LocalStack:
 
 
 def start_on_free_ports(
-    run_dir: Path, redis_url: str, env: dict[str, str] | None = None, timeout: float = 300
+    run_dir: Path,
+    redis_url: str,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    services: Sequence[str] = (),
 ) -> LocalStack:
-    """`python -m services.stack` with every service on a free port, demo tenants seeded;
-    returns once the keys are written. Its output goes to run_dir/stack.log."""
+    """`python -m services.stack` with its services (all, or `services`) on free ports, demo
+    tenants seeded; returns once the keys are written. Output goes to run_dir/stack.log."""
     admin_key = "lpx_admin_" + secrets.token_urlsafe(12)
     gateway_port = free_port()
     env = {
@@ -150,9 +154,10 @@ def start_on_free_ports(
         **(env or {}),
     }
     log = (run_dir / "stack.log").open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "services.stack"], cwd=REPO_ROOT, env=env, stdout=log, stderr=log
-    )
+    command = [sys.executable, "-m", "services.stack"]
+    if services:
+        command += ["--services", ",".join(services)]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
     keys_file = run_dir / "keys.env"
     deadline = time.monotonic() + timeout
     while "AIRLINE_KEY" not in read_keys(keys_file):
@@ -169,7 +174,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-demo", action="store_true", help="do not register demo tenants")
     parser.add_argument("--ready-timeout", type=float, default=300)
+    parser.add_argument(
+        "--services",
+        default=",".join(GRPC_SERVICES),
+        help="the gRPC services to start, comma-separated (inference is required; the "
+        "gateway answers 503 for the capabilities of those left out)",
+    )
     args = parser.parse_args()
+    services = [name for name in args.services.split(",") if name]
+    unknown = sorted(set(services) - set(GRPC_SERVICES))
+    if unknown or "inference" not in services:
+        parser.error(f"--services takes inference plus any of {', '.join(GRPC_SERVICES)}")
 
     # Local state (embedded Redis data, adapter store, keys); LORAPLEX_RUN_DIR moves it.
     run_dir = Path(os.environ.get("LORAPLEX_RUN_DIR", REPO_ROOT / ".run"))
@@ -184,9 +199,14 @@ def main() -> int:
         "LORAPLEX_ADMIN_KEY": admin_key,
         "ADAPTER_STORE_DIR": os.environ.get("ADAPTER_STORE_DIR", str(run_dir / "adapter-store")),
     }
-    # Each gRPC service listens where <NAME>_ADDR says; the gateway reads the same names.
+    # Each gRPC service listens where <NAME>_ADDR says; the gateway reads the same names (and
+    # treats a service without an address as not deployed).
     for name, port in GRPC_SERVICES.items():
-        env[f"{name.upper()}_ADDR"] = os.environ.get(f"{name.upper()}_ADDR", f"127.0.0.1:{port}")
+        variable = f"{name.upper()}_ADDR"
+        if name in services:
+            env[variable] = os.environ.get(variable, f"127.0.0.1:{port}")
+        else:
+            env.pop(variable, None)
     gateway_port = int(os.environ.get("GATEWAY_PORT", "8080"))
     url = f"http://127.0.0.1:{gateway_port}"
     procs = [
@@ -194,7 +214,7 @@ def main() -> int:
             [sys.executable, "-m", f"services.{name}"],
             env={**env, "PORT": env[f"{name.upper()}_ADDR"].rsplit(":", 1)[1]},
         )
-        for name in GRPC_SERVICES
+        for name in services
     ]
     procs.append(
         subprocess.Popen([sys.executable, "-m", "gateway"], env={**env, "PORT": str(gateway_port)})
@@ -209,7 +229,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         deadline = time.monotonic() + args.ready_timeout
-        for name in GRPC_SERVICES:
+        for name in services:
             addr = env[f"{name.upper()}_ADDR"]
             wait_until(lambda a=addr: grpc_serving(a), f"{name} at {addr}", deadline, procs)
         wait_until(lambda: http_ready(url), f"gateway at {url}", deadline, procs)

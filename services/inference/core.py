@@ -377,6 +377,7 @@ class InferenceCore:
             prompt=prompt,
             messages=messages,
             composition=composition,
+            stream=False,
         )
         async for served, chunk in stream:
             if chunk.generation is not None:
@@ -392,6 +393,7 @@ class InferenceCore:
         prompt: str = "",
         messages: list[dict[str, str]] | None = None,
         composition: CompositionRequest | None = None,
+        stream: bool = True,
     ) -> AsyncIterator[tuple[ServedAdapter | None, StreamChunk]]:
         """Chunks of new text as they are generated; the last one carries the result.
         Everything a request can be refused for is checked before the first chunk."""
@@ -408,7 +410,8 @@ class InferenceCore:
                 weights = await stack.enter_async_context(
                     self.cache.use(served.cache_key, served.load)
                 )
-            request = self.scheduler.submit(tenant, DecodeSequence(prompt_ids, weights, config))
+            sequence = DecodeSequence(prompt_ids, weights, config)
+            request = self.scheduler.submit(tenant, sequence, stream)
             try:
                 async for chunk in request:
                     yield served, chunk

@@ -57,9 +57,12 @@ class StreamChunk:
 class ScheduledRequest:
     """A request's place in the scheduler; iterate it (async) for its chunks."""
 
-    def __init__(self, tenant: str, sequence: DecodeSequence, scheduler: Scheduler) -> None:
+    def __init__(
+        self, tenant: str, sequence: DecodeSequence, scheduler: Scheduler, stream: bool = True
+    ) -> None:
         self.tenant = tenant
         self.sequence = sequence
+        self.stream = stream  # False: only the final chunk (one wake-up of the event loop)
         self._scheduler = scheduler
         self._loop = asyncio.get_running_loop()
         self._chunks: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
@@ -90,6 +93,8 @@ class ScheduledRequest:
 
     def _publish(self) -> None:
         seq = self.sequence
+        if not (self.stream or seq.finished):
+            return
         end = seq.stable_text_length()
         if end <= self._sent and not seq.finished:
             return
@@ -138,8 +143,12 @@ class Scheduler:
 
     # -- event-loop side -------------------------------------------------------------------
 
-    def submit(self, tenant: str, sequence: DecodeSequence) -> ScheduledRequest:
-        request = ScheduledRequest(tenant, sequence, self)
+    def submit(
+        self, tenant: str, sequence: DecodeSequence, stream: bool = True
+    ) -> ScheduledRequest:
+        """Queue a sequence; iterate the result for its text (as decoded when `stream`, else
+        all at once with the final chunk)."""
+        request = ScheduledRequest(tenant, sequence, self, stream)
         limits = self.limits
         with self._cond:
             if self._stopping:

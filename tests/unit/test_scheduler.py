@@ -144,3 +144,11 @@ async def test_streamed_text_never_shows_a_stop_string(engine, adapters, make_sc
     assert "".join(c.text for c in chunks) == final.text
     assert all("Customer:" not in c.text for c in chunks)
     assert final.finish_reason in {"stop", "length"}
+
+
+async def test_unstreamed_request_gets_one_chunk_with_everything(engine, make_scheduler):
+    scheduler = make_scheduler()
+    streamed = await finish(scheduler.submit("t", sequence(engine, PROMPTS[0], tokens=12)))
+    whole = await finish(scheduler.submit("t", sequence(engine, PROMPTS[0], tokens=12), False))
+    assert len(whole) == 1 and len(streamed) > 1
+    assert whole[0].text == whole[0].generation.text == "".join(c.text for c in streamed)
