@@ -44,7 +44,7 @@ def through_scheduler(
 
     async def run() -> None:
         requests = [
-            scheduler.submit("bench", DecodeSequence(ids, adapter, config))
+            scheduler.submit("bench", DecodeSequence(ids, adapter, config), stream=False)
             for ids, adapter in zip(rows, adapters, strict=True)
         ]
         for request in requests:
