@@ -59,19 +59,6 @@ from services.common.names import check_adapter_name, check_tenant
 
 MINUTE, HOUR = 60, 3600
 RESOLUTIONS = {MINUTE: "m", HOUR: "h"}
-STATUSES = frozenset(
-    {
-        "OK",
-        "CANCELLED",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "UNAVAILABLE",
-        "INTERNAL",
-    }
-)
 QUANTILES = (0.5, 0.95, 0.99)
 RANK_METRICS = ("success_rate", "p95_latency", "requests", "avg_rating", "tokens_per_second")
 MAX_TOP_LIMIT = 1000

@@ -1,4 +1,5 @@
-"""A real inference gRPC server (real model, real Redis) on a free port, per session."""
+"""Real gRPC servers (inference with the real model; analytics) on free ports, on the
+session's real Redis, one each per session."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.analytics.app import create_server as create_analytics_server
+from services.analytics.settings import AnalyticsSettings
 from services.common.redis import connect
 from services.common.server import Server
 from services.inference.app import create_server
@@ -46,3 +50,24 @@ async def channel(inference) -> AsyncIterator[grpc.aio.Channel]:
 @pytest.fixture(scope="session")
 def stub(channel) -> pb_grpc.InferenceServiceStub:
     return pb_grpc.InferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def analytics_server(redis_url: str) -> AsyncIterator:
+    settings = AnalyticsSettings(
+        port=0, redis_url=redis_url, shutdown_grace_seconds=1, max_batch_events=2_000
+    )
+    redis = connect(redis_url)
+    server, core = create_analytics_server(settings, redis)
+    await server.start()
+    await core.ping()
+    await server.set_ready()
+    yield server
+    await server.stop()
+    await redis.aclose()
+
+
+@pytest.fixture(scope="session")
+async def analytics_stub(analytics_server) -> AsyncIterator[apb_grpc.AnalyticsServiceStub]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{analytics_server.port}") as channel:
+        yield apb_grpc.AnalyticsServiceStub(channel)

@@ -8,10 +8,7 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as pb_grpc
-from services.analytics.app import create_server as create_analytics_server
-from services.analytics.settings import AnalyticsSettings
 from services.common.redis import connect
 from services.common.server import Server
 from services.experiments.app import create_server
@@ -52,35 +49,15 @@ async def exp_stub(experiments_server) -> AsyncIterator[pb_grpc.ExperimentsServi
 
 
 @pytest.fixture(scope="session")
-async def exp_analytics_server(redis_url: str) -> AsyncIterator[Server]:
-    """A real analytics service on the same Redis (the source of request-level metrics)."""
-    settings = AnalyticsSettings(port=0, redis_url=redis_url, shutdown_grace_seconds=1)
-    redis = connect(redis_url)
-    server, core = create_analytics_server(settings, redis)
-    await server.start()
-    await core.ping()
-    await server.set_ready()
-    yield server
-    await server.stop()
-    await redis.aclose()
-
-
-@pytest.fixture(scope="session")
-async def exp_analytics_stub(exp_analytics_server) -> AsyncIterator[apb_grpc.AnalyticsServiceStub]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{exp_analytics_server.port}") as chan:
-        yield apb_grpc.AnalyticsServiceStub(chan)
-
-
-@pytest.fixture(scope="session")
 async def exp_with_analytics_stub(
-    redis_url: str, exp_analytics_server
+    redis_url: str, analytics_server
 ) -> AsyncIterator[pb_grpc.ExperimentsServiceStub]:
     """An experiments service that reads request-level metrics from that analytics service."""
     settings = ExperimentsSettings(
         port=0,
         redis_url=redis_url,
         shutdown_grace_seconds=1,
-        analytics_addr=f"127.0.0.1:{exp_analytics_server.port}",
+        analytics_addr=f"127.0.0.1:{analytics_server.port}",
     )
     redis = connect(redis_url)
     server, store = create_server(settings, redis)

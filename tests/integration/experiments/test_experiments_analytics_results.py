@@ -89,7 +89,7 @@ async def send(analytics, events, tag):
 
 
 async def test_one_request_per_user_matches_statsmodels_and_scipy(
-    exp_with_analytics_stub, exp_analytics_stub, exp_redis
+    exp_with_analytics_stub, analytics_stub, exp_redis
 ):
     stub = exp_with_analytics_stub
     tenant = await start_experiment(stub, exp_redis)
@@ -112,7 +112,7 @@ async def test_one_request_per_user_matches_statsmodels_and_scipy(
             r = float(rng.integers(1, 6))
             ratings[v].append(r)
             events.append(rating_event(tenant, v, r))
-    await send(exp_analytics_stub, events, tenant)
+    await send(analytics_stub, events, tenant)
     # a custom metric keeps coming from RecordOutcomes
     await stub.RecordOutcomes(
         pb.RecordOutcomesRequest(
@@ -193,7 +193,7 @@ async def test_one_request_per_user_matches_statsmodels_and_scipy(
 
 
 async def test_several_requests_per_user_inflate_the_variance_by_the_design_effect(
-    exp_with_analytics_stub, exp_analytics_stub, exp_redis
+    exp_with_analytics_stub, analytics_stub, exp_redis
 ):
     stub = exp_with_analytics_stub
     tenant = await start_experiment(stub, exp_redis)
@@ -213,7 +213,7 @@ async def test_several_requests_per_user_inflate_the_variance_by_the_design_effe
             ok[v].append(success)
             events.append(request_event(tenant, v, success, 0.2))
         m_by_variant[v].append(m)
-    await send(exp_analytics_stub, events, tenant)
+    await send(analytics_stub, events, tenant)
 
     res = await stub.GetResults(pb.GetResultsRequest(tenant=tenant, key=KEY))
     success = res.metrics[0]
