@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 from fastapi import APIRouter
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from gateway.deps import Gateway, GatewayDep, TenantDep
 from gateway.openai_schemas import (
@@ -200,6 +200,11 @@ async def _stream(
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+def _json(payload: dict[str, Any]) -> JSONResponse:
+    # Already plain JSON types: skip FastAPI's generic (and per-request costly) encoder walk.
+    return JSONResponse(payload)
+
+
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
@@ -253,7 +258,7 @@ def _final_chunks(
 @router.post("/completions", response_model=None)
 async def create_completion(
     body: CompletionRequest, tenant: TenantDep, gateway: GatewayDep
-) -> dict[str, Any] | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_tokens if body.max_tokens is not None else body.DEFAULT_MAX_TOKENS
     call = await _start(gateway, tenant, body, max_tokens, request_id, prompt=body.prompt)
@@ -269,15 +274,16 @@ async def create_completion(
             lambda reply: _final_chunks(head, choice("", _finish_reason(reply)), reply, call, body),
         )
     reply = await _generate(call)
-    return _envelope(request_id, "text_completion", body, reply, call.route) | {
-        "choices": [choice(reply.text, _finish_reason(reply))]
-    }
+    return _json(
+        _envelope(request_id, "text_completion", body, reply, call.route)
+        | {"choices": [choice(reply.text, _finish_reason(reply))]}
+    )
 
 
 @router.post("/chat/completions", response_model=None)
 async def create_chat_completion(
     body: ChatCompletionRequest, tenant: TenantDep, gateway: GatewayDep
-) -> dict[str, Any] | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens
     if max_tokens is None:
@@ -308,7 +314,9 @@ async def create_chat_completion(
         "finish_reason": _finish_reason(reply),
         "logprobs": None,
     }
-    return _envelope(request_id, "chat.completion", body, reply, call.route) | {"choices": [choice]}
+    return _json(
+        _envelope(request_id, "chat.completion", body, reply, call.route) | {"choices": [choice]}
+    )
 
 
 async def _adapters(gateway: Gateway, tenant: str) -> AsyncIterator[common_pb2.AdapterInfo]:
