@@ -63,3 +63,24 @@ async def register(stub, tenant: str, demo: str = "retailer", name: str = "suppo
         **kw,
     )
     return (await stub.RegisterAdapter(request)).adapter
+
+
+def decode_together(runner, sequences: list) -> list:
+    """Decode these sequences to the end in one batch, no scheduler: the reference that
+    scheduled decoding is compared with. Returns their Generations."""
+    from services.inference.decoding import DecodeBatch
+
+    batch = DecodeBatch(runner)
+    batch.add(sequences)
+    batch.remove_finished()
+    while len(batch):
+        batch.step()
+        batch.remove_finished()
+    return [s.result() for s in sequences]
+
+
+def decode_alone(runner, prompt_ids: list[int], adapter, config):
+    """One sequence decoded by itself."""
+    from services.inference.decoding import DecodeSequence
+
+    return decode_together(runner, [DecodeSequence(prompt_ids, adapter, config)])[0]

@@ -98,6 +98,11 @@ def _check_method(method: object) -> str:
     return str(method)
 
 
+# Weights mix adapters (around 1 each); far larger ones only push activations toward
+# overflow, where one request's numbers could turn to NaN.
+MAX_COMPOSITION_WEIGHT = 100.0
+
+
 def _check_weights(weights: Sequence[object], count: int, max_adapters: int) -> list[float]:
     if isinstance(max_adapters, bool) or not isinstance(max_adapters, int) or max_adapters < 1:
         raise ValueError(f"max_adapters must be a positive integer, got {max_adapters!r}")
@@ -120,9 +125,11 @@ def _check_weights(weights: Sequence[object], count: int, max_adapters: int) -> 
                 f"composition weights must be numbers, got {w!r}", reason="BAD_COMPOSITION_WEIGHTS"
             )
         value = float(w)
-        if not math.isfinite(value):
+        if not (math.isfinite(value) and abs(value) <= MAX_COMPOSITION_WEIGHT):
             raise InvalidArgument(
-                f"composition weights must be finite, got {w!r}", reason="BAD_COMPOSITION_WEIGHTS"
+                f"composition weights must be finite numbers within ±{MAX_COMPOSITION_WEIGHT:g}, "
+                f"got {w!r}",
+                reason="BAD_COMPOSITION_WEIGHTS",
             )
         values.append(value + 0.0)  # -0.0 -> 0.0
     if all(v == 0 for v in values):

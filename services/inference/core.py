@@ -399,7 +399,7 @@ class InferenceCore:
         Everything a request can be refused for is checked before the first chunk."""
         engine = self.engine
         text = self._prompt_text(prompt, messages or [])
-        prompt_ids = engine.encode(text)
+        prompt_ids = await self._encode(text)
         config = self._sampling(params, len(prompt_ids))
         if messages:  # a chat reply is one assistant turn
             config = replace(config, stop=config.stop + engine.chat_stop)
@@ -431,10 +431,8 @@ class InferenceCore:
             raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
         if not completions or any(not c for c in completions):
             raise InvalidArgument("give one or more non-empty completions", reason="BAD_INPUT")
-        prompt_ids = engine.encode(prompt)
-        completion_ids = [
-            engine.tokenizer(c, add_special_tokens=False).input_ids for c in completions
-        ]
+        prompt_ids = await self._encode(prompt)
+        completion_ids = [await self._encode(c, special_tokens=False) for c in completions]
         longest = len(prompt_ids) + max(len(c) for c in completion_ids)
         if longest > engine.context_length:
             raise InvalidArgument(
@@ -467,7 +465,7 @@ class InferenceCore:
                 max_texts=str(MAX_EMBED_TEXTS),
             )
         context = engine.context_length
-        ids = [engine.encode(t) for t in texts]
+        ids = [await self._encode(t, truncate=truncate) for t in texts]
         for index, seq in enumerate(ids):
             if len(seq) > context and not truncate:
                 raise InvalidArgument(
@@ -498,6 +496,24 @@ class InferenceCore:
             start = end
         dimension = len(vectors[0])
         return vectors, [len(seq) for seq in ids], dimension, record
+
+    async def _encode(
+        self, text: str, *, truncate: bool = False, special_tokens: bool = True
+    ) -> list[int]:
+        """Token ids, computed off the event loop. A text too long for the context by its
+        length alone is refused (or cut, when `truncate`) before any tokenizing, so a huge
+        one costs nothing."""
+        engine = self.engine
+        if len(text) > engine.max_text_chars:
+            if not truncate:
+                raise InvalidArgument(
+                    f"the text is {len(text)} characters, more than the model's context of "
+                    f"{engine.context_length} tokens can hold",
+                    reason="CONTEXT_LENGTH_EXCEEDED",
+                    context_length=str(engine.context_length),
+                )
+            text = text[: engine.max_text_chars]
+        return await asyncio.to_thread(engine.encode, text, special_tokens)
 
     async def _run(self, record: AdapterRecord | None, work: Callable[[LoraWeights | None], T]):
         """Run work on the model thread, between decode steps, with the adapter pinned."""

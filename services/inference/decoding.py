@@ -5,23 +5,66 @@ row's newest token sits in the last column, an attention mask hiding the padding
 row's own position. New sequences are prefilled together and merged in; finished ones are
 dropped and the padding no row needs any more is cut off. Each row may use a different
 adapter (services.inference.lora_batch). All of this runs on the model thread.
+
+The batch is data; the model is a `ModelRunner` it is handed (the engine): one forward pass
+over plain tensors, nothing more. Rows share a forward pass but never their failures: a row
+whose logits are not finite fails alone, and a forward pass that raises is retried on halves
+of the batch until the rows that cause it are found and failed, so one tenant's bad numbers
+never fail another tenant's request.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 
+from services.common.errors import FailedPrecondition, LoraplexError, Unavailable
 from services.inference.lora import LoraWeights
 from services.inference.lora_batch import LoraBatch
 
-if TYPE_CHECKING:
-    from services.inference.engine import Engine
+log = logging.getLogger(__name__)
+
+
+class ModelRunner(Protocol):
+    """What decoding needs of the model (services.inference.engine.Engine)."""
+
+    device: torch.device
+    pad_token_id: int
+    eos_token_id: int
+
+    def lora_batch(self, row_adapters: list[LoraWeights | None]) -> LoraBatch: ...
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+        lora: LoraBatch,
+    ) -> tuple[torch.Tensor, Any]:
+        """(each row's logits for its last position, the KV cache extended in place)."""
+        ...
+
+    def detokenize(self, tokens: list[int]) -> str: ...
+
+
+def non_finite_output() -> LoraplexError:
+    return FailedPrecondition(
+        "the adapter produced non-finite numbers (NaN or infinity) for this request; "
+        "check its weights and composition weights",
+        reason="NON_FINITE_OUTPUT",
+    )
+
+
+def model_error() -> LoraplexError:
+    return Unavailable("generation failed on the model; retry", reason="MODEL_ERROR")
 
 
 @dataclass(frozen=True)
@@ -99,7 +142,8 @@ class DecodeSequence:
         self.logprobs: list[float] = []
         self.entropies: list[float] = []
         self.text = ""
-        self.finish_reason: str | None = None
+        self.finish_reason: str | None = None  # "stop" | "length" | "error"
+        self.error: LoraplexError | None = None
         self.started_at = 0.0
         self.first_token_at = 0.0
         self.finished_at = 0.0
@@ -109,8 +153,13 @@ class DecodeSequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def fail(self, error: LoraplexError) -> None:
+        """This row cannot go on; the request gets `error`, the other rows are untouched."""
+        self.error = error
+        self._finish("error")
+
     def accept(
-        self, token: int, logprob: float, entropy: float, eos_token_id: int, tokenizer
+        self, token: int, logprob: float, entropy: float, eos_token_id: int, detokenize
     ) -> None:
         """Take the next sampled token; sets finish_reason when the sequence is done."""
         if not self.logprobs:
@@ -122,7 +171,7 @@ class DecodeSequence:
             return
         self.tokens.append(token)
         previous = len(self.text)
-        self.text = tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.text = detokenize(self.tokens)
         start = max(0, previous - self._longest_stop)
         hits = [i for i in (self.text.find(s, start) for s in self.config.stop) if i >= 0]
         if hits:
@@ -161,8 +210,8 @@ class DecodeSequence:
 class DecodeBatch:
     """The running rows of continuous batching and their shared, left-padded KV cache."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
         self.rows: list[DecodeSequence] = []
         self._cache = None  # transformers Cache, batch dim = rows
         self._mask: torch.Tensor | None = None  # (rows, columns): 1 = real token
@@ -175,52 +224,96 @@ class DecodeBatch:
     @torch.inference_mode()
     def add(self, sequences: Sequence[DecodeSequence]) -> None:
         """Prefill new sequences (together, left-padded) and merge them into the batch.
-        Each gets its first token."""
-        engine = self.engine
-        device = engine.device
+        Each gets its first token, or fails alone (`error` set) if its prefill does."""
+        for seq in sequences:
+            seq.started_at = seq.started_at or time.perf_counter()
+        self._prefill_isolating(list(sequences))
+
+    def _prefill_isolating(self, sequences: list[DecodeSequence]) -> None:
+        try:
+            self._prefill(sequences)
+        except Exception:
+            if len(sequences) == 1:
+                log.exception("prefill failed; failing its request only")
+                sequences[0].fail(model_error())
+                return
+            half = len(sequences) // 2
+            self._prefill_isolating(sequences[:half])
+            self._prefill_isolating(sequences[half:])
+
+    def _prefill(self, sequences: list[DecodeSequence]) -> None:
+        runner = self.runner
         width = max(len(s.prompt_ids) for s in sequences)
-        ids = torch.full((len(sequences), width), engine.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(sequences), width), runner.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(sequences), width), dtype=torch.long)
         for i, seq in enumerate(sequences):
             ids[i, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
             mask[i, width - len(seq.prompt_ids) :] = 1
-            seq.started_at = seq.started_at or time.perf_counter()
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = ids.to(runner.device), mask.to(runner.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        lora = engine.lora_batch([s.adapter for s in sequences])
-        with engine.applying(lora):
-            out = engine.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        tokens = self._sample(sequences, out.logits[:, -1])
-        self._merge(list(sequences), out.cache, mask, tokens, lora)
+        lora = runner.lora_batch([s.adapter for s in sequences])
+        logits, cache = runner.forward(ids, mask, positions, None, lora)
+        tokens = self._sample(sequences, logits)
+        self._merge(sequences, cache, mask, tokens, lora)
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Decode one token for every running row."""
+        """Decode one token for every running row. Rows whose forward pass fails are failed
+        (`error` set) and left for remove_finished; the others advance as if alone."""
         if not self.rows:
             return
-        engine = self.engine
+        before = [(layer.keys, layer.values) for layer in self._cache.layers]
+        try:
+            self._step()
+        except Exception:
+            # The cache grows by new tensors (never in place): put the old ones back.
+            for layer, (keys, values) in zip(self._cache.layers, before, strict=True):
+                layer.keys, layer.values = keys, values
+            if len(self.rows) == 1:
+                log.exception("decode step failed; failing its request only")
+                self.rows[0].fail(model_error())
+                self._pad_failed_row()
+                return
+            half = len(self.rows) // 2
+            first, second = self._take(range(half)), self._take(range(half, len(self.rows)))
+            first.step()
+            second.step()
+            self._replace(first)
+            self._merge(second.rows, second._cache, second._mask, second._next[:, 0], second._lora)
+
+    def _step(self) -> None:
         mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=1)
         positions = mask.sum(-1, keepdim=True) - 1
-        with engine.applying(self._lora):
-            out = engine.model(
-                input_ids=self._next,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=self._cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        self._cache, self._mask = out.cache, mask
-        self._next = self._sample(self.rows, out.logits[:, -1]).unsqueeze(1)
+        logits, cache = self.runner.forward(self._next, mask, positions, self._cache, self._lora)
+        self._cache, self._mask = cache, mask
+        self._next = self._sample(self.rows, logits).unsqueeze(1)
+
+    def _pad_failed_row(self) -> None:
+        """Keep a failed row's columns in step with the rows that advanced (masked out)."""
+        self._mask = _pad(self._mask, self._mask.shape[1] + 1, left=False)
+        for layer in self._cache.layers:
+            width = layer.keys.shape[2] + 1
+            layer.keys = _pad(layer.keys, width, left=False)
+            layer.values = _pad(layer.values, width, left=False)
+
+    def _take(self, rows: range) -> DecodeBatch:
+        """A separate batch of these rows (this one is left as it is)."""
+        part = DecodeBatch(self.runner)
+        index = torch.tensor(list(rows), device=self.runner.device)
+        part.rows = [self.rows[i] for i in rows]
+        part._cache = copy.copy(self._cache)
+        part._cache.layers = [copy.copy(layer) for layer in self._cache.layers]
+        part._cache.batch_select_indices(index)
+        part._mask, part._next = self._mask[index], self._next[index]
+        part._lora = self._lora.select(index)
+        return part
+
+    def _replace(self, other: DecodeBatch) -> None:
+        self.rows, self._cache, self._mask = other.rows, other._cache, other._mask
+        self._next, self._lora = other._next, other._lora
 
     def remove_finished(self, also: set[DecodeSequence] | None = None) -> list[DecodeSequence]:
-        """Drop finished rows, and the rows in `also` (e.g. cancelled ones)."""
+        """Drop finished rows (failed ones too), and the rows in `also` (e.g. cancelled)."""
         also = also or set()
         keep = [i for i, s in enumerate(self.rows) if not s.finished and s not in also]
         if len(keep) == len(self.rows):
@@ -230,7 +323,7 @@ class DecodeBatch:
         if not keep:
             self.rows, self._cache, self._mask, self._next, self._lora = [], None, None, None, None
             return gone
-        index = torch.tensor(keep, device=self.engine.device)
+        index = torch.tensor(keep, device=self.runner.device)
         self._cache.batch_select_indices(index)
         self._mask, self._next = self._mask[index], self._next[index]
         self._lora = self._lora.select(index)
@@ -251,44 +344,49 @@ class DecodeBatch:
             self._next = tokens.unsqueeze(1)
         else:
             width = max(self._mask.shape[1], mask.shape[1])
-            self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+            self._mask = torch.cat([_pad(self._mask, width), _pad(mask, width)])
             for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([_pad_left(mine.keys, width), _pad_left(theirs.keys, width)])
-                mine.values = torch.cat(
-                    [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
-                )
+                mine.keys = torch.cat([_pad(mine.keys, width), _pad(theirs.keys, width)])
+                mine.values = torch.cat([_pad(mine.values, width), _pad(theirs.values, width)])
             self._next = torch.cat([self._next, tokens.unsqueeze(1)])
             self._lora = self._lora.concat(lora)
             self.rows = self.rows + new
 
     def _sample(self, rows: Sequence[DecodeSequence], logits: torch.Tensor) -> torch.Tensor:
         """Pick each row's next token and record its statistics. Uncertainty is measured on
-        the model's own distribution, whatever the sampling settings, so scores compare."""
+        the model's own distribution, whatever the sampling settings, so scores compare. A
+        row whose logits are not all finite fails here, alone."""
         logits = logits.float()
+        finite = torch.isfinite(logits).all(-1).tolist()
         logp = torch.log_softmax(logits, dim=-1)
         entropies = (-(logp.exp() * logp).sum(-1)).tolist()
         greedy = torch.argmax(logits, dim=-1).tolist()
         tokens = [
             greedy[i]
-            if seq.finished or seq.config.temperature == 0
+            if seq.finished or not finite[i] or seq.config.temperature == 0
             else sample_token(logits[i], seq.config.temperature, seq.config.top_p, seq.generator)
             for i, seq in enumerate(rows)
         ]
         chosen = logp[torch.arange(len(rows)), torch.tensor(tokens, device=logp.device)].tolist()
-        engine = self.engine
-        for seq, token, lp, ent in zip(rows, tokens, chosen, entropies, strict=True):
-            if not seq.finished:
-                seq.accept(token, lp, ent, engine.eos_token_id, engine.tokenizer)
-        return torch.tensor(tokens, device=engine.device)
+        runner = self.runner
+        for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
+            if seq.finished:
+                continue
+            if not finite[i]:
+                seq.fail(non_finite_output())
+                continue
+            seq.accept(token, chosen[i], entropies[i], runner.eos_token_id, runner.detokenize)
+        return torch.tensor(tokens, device=runner.device)
 
 
-def _pad_left(t: torch.Tensor, width: int) -> torch.Tensor:
+def _pad(t: torch.Tensor, width: int, left: bool = True) -> torch.Tensor:
     """Zero-pad dimension 1 of a mask (rows, cols) or dimension 2 of a cache tensor
-    (rows, heads, cols, dim) on the left to `width` columns."""
+    (rows, heads, cols, dim) to `width` columns, on the left (or right)."""
     dim = 1 if t.dim() == 2 else 2
     missing = width - t.shape[dim]
     if missing == 0:
         return t
     shape = list(t.shape)
     shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+    zeros = t.new_zeros(shape)
+    return torch.cat([zeros, t] if left else [t, zeros], dim=dim)

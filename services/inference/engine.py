@@ -1,8 +1,11 @@
-"""The model runner: base model + LoRA applied per request, decoding with a KV cache.
+"""The model runner: the base model, with LoRA applied per batch row, one forward pass at a
+time.
 
 LoRA is applied by forward hooks on the base model's linear layers (output + scale·x·Aᵀ·Bᵀ,
 PEFT's formula), so the base weights are never modified and switching adapters between
-requests costs nothing. All methods here are synchronous and run on one worker thread.
+requests costs nothing. The engine knows nothing of requests or batches: decoding
+(services.inference.decoding) hands it plain tensors and a LoRA batch and gets logits back.
+All methods here are synchronous and run on one worker thread.
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from services.inference.decoding import DecodeBatch, DecodeSequence, Generation, SamplingConfig
 from services.inference.lora import LinearShape, LoraWeights
 from services.inference.lora_batch import LoraBatch
 
@@ -56,6 +59,10 @@ class Engine:
         self.architecture = type(self.model).__name__
         self.context_length = int(self.model.config.max_position_embeddings)
         self.eos_token_id = self.tokenizer.eos_token_id
+        # No token covers more characters than the vocabulary's longest entry, so a text
+        # longer than this cannot fit the context: refused before it is tokenized.
+        longest_token = max(len(token) for token in self.tokenizer.get_vocab())
+        self.max_text_chars = self.context_length * longest_token
         # Left padding of batched prompts; masked out, so any id works.
         pad = self.tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else self.eos_token_id
@@ -113,8 +120,11 @@ class Engine:
 
     # -- tokenization -------------------------------------------------------------------
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True).input_ids
+    def encode(self, text: str, special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special_tokens).input_ids
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(
@@ -123,20 +133,27 @@ class Engine:
 
     # -- model calls ----------------------------------------------------------------------
 
-    def generate_many(self, sequences: list[DecodeSequence]) -> list[Generation]:
-        """Decode these sequences together to the end, in one batch (no scheduler)."""
-        batch = DecodeBatch(self)
-        batch.add(sequences)
-        batch.remove_finished()
-        while len(batch):
-            batch.step()
-            batch.remove_finished()
-        return [s.result() for s in sequences]
-
-    def generate(
-        self, prompt_ids: list[int], adapter: LoraWeights | None, config: SamplingConfig
-    ) -> Generation:
-        return self.generate_many([DecodeSequence(prompt_ids, adapter, config)])[0]
+    @torch.inference_mode()
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Any,
+        lora: LoraBatch,
+    ) -> tuple[torch.Tensor, Any]:
+        """One forward pass: each row's logits for its last position, and the KV cache
+        (a new one when `cache` is None, else `cache` extended by these positions)."""
+        with self.applying(lora):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1], out.cache
 
     @torch.inference_mode()
     def score(

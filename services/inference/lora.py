@@ -2,13 +2,16 @@
 
 Only safetensors bytes are ever deserialized (safetensors.torch.load: no pickle). Every
 tensor is checked against the base model's modules, so an adapter trained for another
-architecture is refused with the reason instead of failing mid-request.
+architecture is refused with the reason instead of failing mid-request. Every number that
+reaches the model is checked too (finite, within the bounds below), at upload and at every
+load: one tenant's NaN must not reach a batch it shares with others.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 
@@ -18,8 +21,13 @@ from safetensors.torch import load as load_safetensors
 
 from services.common.errors import InvalidArgument
 
-_PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+
+# Bounds on an adapter's numbers: far beyond what training produces (|entries| well under
+# 10, alpha a small multiple of the rank), well short of what overflows a forward pass.
+MAX_LORA_ALPHA = 4096.0
+MAX_ABS_WEIGHT = 1e4
+MAX_RANK = 1024
 
 
 @dataclass(frozen=True)
@@ -73,10 +81,47 @@ def _pattern_value(patterns: dict[str, float], module: str, default: float) -> f
     return default
 
 
+def _bad_config(message: str) -> InvalidArgument:
+    return InvalidArgument(f"adapter_config.json: {message}", reason="BAD_CONFIG")
+
+
+def _check_regex(pattern: object, field_name: str) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise _bad_config(f"{field_name} must be non-empty strings, got {pattern!r}")
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise _bad_config(f"{field_name} {pattern!r} is not a valid pattern: {err}") from err
+    return pattern
+
+
+def _check_alpha(value: object, field_name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad_config(f"{field_name} must be a number, got {value!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_LORA_ALPHA):
+        raise _bad_config(f"{field_name} must be in (0, {MAX_LORA_ALPHA:g}], got {value!r}")
+    return float(value)
+
+
+def _check_rank(value: object, field_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RANK:
+        raise _bad_config(f"{field_name} must be an integer in [1, {MAX_RANK}], got {value!r}")
+    return value
+
+
+def _check_pattern_map(config: dict, field_name: str, check_value) -> None:
+    patterns = config.get(field_name) or {}
+    if not isinstance(patterns, dict):
+        raise _bad_config(f"{field_name} must be an object")
+    for pattern, value in patterns.items():
+        _check_regex(pattern, f"{field_name} keys")
+        check_value(value, f"{field_name}[{pattern!r}]")
+
+
 def parse_config(raw: bytes) -> dict:
     try:
         config = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise InvalidArgument(
             f"adapter_config.json is not valid JSON: {err}", reason="BAD_CONFIG"
         ) from err
@@ -99,7 +144,44 @@ def parse_config(raw: bytes) -> dict:
         raise InvalidArgument(
             f"unsupported LoRA options: {', '.join(named)}", reason="UNSUPPORTED_ADAPTER"
         )
+    if "r" in config:
+        _check_rank(config["r"], "r")
+    if "lora_alpha" in config:
+        _check_alpha(config["lora_alpha"], "lora_alpha")
+    _check_pattern_map(config, "alpha_pattern", _check_alpha)
+    _check_pattern_map(config, "rank_pattern", _check_rank)
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise _bad_config("use_rslora must be true or false")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        _check_regex(targets, "target_modules")
+    elif targets is not None and not (
+        isinstance(targets, list) and all(isinstance(t, str) and t for t in targets)
+    ):
+        raise _bad_config("target_modules must be a pattern or a list of module names")
     return config
+
+
+def _check_factor(name: str, part: str, tensor: torch.Tensor) -> None:
+    """A LoRA factor is a 2-D floating-point matrix of finite, bounded numbers."""
+    if not tensor.is_floating_point() or tensor.ndim != 2 or 0 in tensor.shape:
+        raise InvalidArgument(
+            f"{name}: lora_{part} must be a non-empty 2-D floating-point matrix, got "
+            f"{tensor.dtype} {tuple(tensor.shape)}",
+            reason="BAD_WEIGHTS",
+        )
+    if tensor.shape[0 if part == "A" else 1] > MAX_RANK:
+        raise InvalidArgument(f"{name}: rank above {MAX_RANK}", reason="BAD_WEIGHTS")
+    values = tensor.float()
+    if not bool(torch.isfinite(values).all()):
+        raise InvalidArgument(
+            f"{name}: lora_{part} holds NaN or infinite numbers", reason="NON_FINITE_WEIGHTS"
+        )
+    if float(values.abs().max()) > MAX_ABS_WEIGHT:
+        raise InvalidArgument(
+            f"{name}: lora_{part} has entries beyond ±{MAX_ABS_WEIGHT:g}",
+            reason="WEIGHTS_OUT_OF_RANGE",
+        )
 
 
 def check_target_modules(config: dict, linear_names: list[str]) -> None:
@@ -150,7 +232,7 @@ def parse_adapter(
     if not parts:
         raise InvalidArgument("adapter contains no LoRA weights", reason="BAD_WEIGHTS")
 
-    alpha = float(config.get("lora_alpha", 8))
+    alpha = float(config.get("lora_alpha", 8))  # PEFT's default
     alpha_pattern = config.get("alpha_pattern") or {}
     modules: dict[str, LoraModule] = {}
     for name, ab in sorted(parts.items()):
@@ -166,17 +248,10 @@ def parse_adapter(
                 f"{name}: lora_A and lora_B are both needed", reason="BAD_WEIGHTS"
             )
         a, b = ab["A"], ab["B"]
+        _check_factor(name, "A", a)
+        _check_factor(name, "B", b)
         rank = a.shape[0]
-        if (
-            a.ndim != 2
-            or b.ndim != 2
-            or a.shape[1] != shape.in_features
-            or b.shape
-            != (
-                shape.out_features,
-                rank,
-            )
-        ):
+        if a.shape[1] != shape.in_features or b.shape != (shape.out_features, rank):
             raise InvalidArgument(
                 f"{name}: LoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit the base "
                 f"layer ({shape.in_features} -> {shape.out_features}): it was trained for "

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from services.common.errors import LoraplexError, ResourceExhausted, Unavailable
-from services.inference.decoding import DecodeBatch, DecodeSequence, Generation
+from services.inference.decoding import DecodeBatch, DecodeSequence, Generation, model_error
 from services.inference.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,9 @@ class ScheduledRequest:
 
     def _publish(self) -> None:
         seq = self.sequence
+        if seq.error is not None:
+            self._fail(seq.error)
+            return
         if not (self.stream or seq.finished):
             return
         end = seq.stable_text_length()
@@ -205,42 +208,46 @@ class Scheduler:
     # -- model thread ----------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not (self._stopping or self._queued or self._calls or self._running):
-                    self._cond.wait()
-                if self._stopping:
-                    break
-                calls = list(self._calls)
-                self._calls.clear()
-                if not self._running and self._queued < self.limits.max_batch_size:
-                    # Idle: give concurrent arrivals a moment to share the first batch.
-                    self._cond.wait_for(
-                        lambda: self._queued >= self.limits.max_batch_size or self._stopping,
-                        timeout=self.limits.max_wait_seconds,
-                    )
-                admitted = self._admit()
-            for work, future in calls:
-                self._run_call(work, future)
+        while not self._stopping:
             try:
-                if admitted:
-                    self._batch.add([r.sequence for r in admitted])
-                    self._running.extend(admitted)
-                    self._emit()
-                if self._running:
-                    self._batch.step()
-                    self.steps += 1
-                    with self._cond:
-                        for request in self._running:
-                            self._counters[request.tenant] += OUTPUT_TOKEN_COST
-                    self._emit()
-            except Exception as err:  # a failed step fails its rows, never the server
-                log.exception("decode step failed")
+                self._iterate()
+            except Exception as err:  # the batch fails its own bad rows alone: this is a bug
+                log.exception("decode loop failed")
                 self._fail_running(err)
         self._shutdown()
 
+    def _iterate(self) -> None:
+        """Run queued calls, admit waiting requests, decode one token for every row."""
+        with self._cond:
+            while not (self._stopping or self._queued or self._calls or self._running):
+                self._cond.wait()
+            if self._stopping:
+                return
+            calls = list(self._calls)
+            self._calls.clear()
+            if not self._running and self._queued < self.limits.max_batch_size:
+                # Idle: give concurrent arrivals a moment to share the first batch.
+                self._cond.wait_for(
+                    lambda: self._queued >= self.limits.max_batch_size or self._stopping,
+                    timeout=self.limits.max_wait_seconds,
+                )
+            admitted = self._admit()
+        for work, future in calls:
+            self._run_call(work, future)
+        if admitted:
+            self._batch.add([r.sequence for r in admitted])
+            self._emit()
+        if self._running:
+            self._batch.step()
+            self.steps += 1
+            with self._cond:
+                for request in self._running:
+                    self._counters[request.tenant] += OUTPUT_TOKEN_COST
+            self._emit()
+
     def _admit(self) -> list[ScheduledRequest]:
-        """Pick waiting requests for the free rows, least-served tenant first (lock held)."""
+        """Move waiting requests into the free rows, least-served tenant first (lock held).
+        From here on they are running: whatever happens next, each of them is answered."""
         free = self.limits.max_batch_size - len(self._running)
         budget = self.limits.max_prefill_tokens
         admitted: list[ScheduledRequest] = []
@@ -254,6 +261,7 @@ class Scheduler:
             self._waiting[tenant].popleft()
             self._queued -= 1
             self._running_per_tenant[tenant] += 1
+            self._running.append(request)
             self._counters[tenant] += cost * PROMPT_TOKEN_COST
             request.admitted_at = now
             admitted.append(request)
@@ -268,9 +276,11 @@ class Scheduler:
         for request in self._running:
             if request.sequence not in cancelled:
                 request._publish()
-        gone = set(self._batch.remove_finished(cancelled))
+        self._batch.remove_finished(cancelled)
+        # A row whose prefill failed never joined the batch; it is finished all the same.
+        gone = [r for r in self._running if r.sequence.finished or r.sequence in cancelled]
         if gone:
-            self._release([r for r in self._running if r.sequence in gone])
+            self._release(gone)
 
     def _release(self, requests: list[ScheduledRequest]) -> None:
         with self._cond:
@@ -281,11 +291,7 @@ class Scheduler:
             self._running = [r for r in self._running if id(r) not in ids]
 
     def _fail_running(self, err: Exception) -> None:
-        failure = (
-            err
-            if isinstance(err, LoraplexError)
-            else Unavailable("generation failed on the model; retry", reason="MODEL_ERROR")
-        )
+        failure = err if isinstance(err, LoraplexError) else model_error()
         running = list(self._running)
         for request in running:
             request._fail(failure)

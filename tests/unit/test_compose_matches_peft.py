@@ -31,6 +31,7 @@ from services.common.errors import InvalidArgument
 from services.inference.compose import (
     COMPOSITION_METHODS,
     MAX_COMPOSED_ADAPTERS,
+    MAX_COMPOSITION_WEIGHT,
     compose,
     composition_key,
 )
@@ -330,8 +331,16 @@ def reason_of(call) -> str:
 
 @pytest.mark.parametrize(
     "weights",
-    [[math.nan, 1.0, 1.0], [1.0, math.inf, 1.0], [1.0, 1.0, -math.inf], [0.0, 0.0, -0.0], [1, 2]],
-    ids=["nan", "inf", "-inf", "all-zero", "count-mismatch"],
+    [
+        [math.nan, 1.0, 1.0],
+        [1.0, math.inf, 1.0],
+        [1.0, 1.0, -math.inf],
+        [1e38, 1.0, 1.0],  # finite, but it overflows a forward pass
+        [1.0, -(MAX_COMPOSITION_WEIGHT + 1), 1.0],
+        [0.0, 0.0, -0.0],
+        [1, 2],
+    ],
+    ids=["nan", "inf", "-inf", "huge", "beyond-bound", "all-zero", "count-mismatch"],
 )
 def test_bad_weights_are_refused(ours, weights):
     inputs = [ours[n] for n in SYN]

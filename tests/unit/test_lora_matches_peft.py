@@ -12,7 +12,7 @@ from services.inference.decoding import SamplingConfig
 from services.inference.engine import Engine
 from services.inference.lora import parse_adapter
 from services.inference.settings import InferenceSettings
-from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, adapter_files
+from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, adapter_files, decode_alone
 
 TEXT = "Customer: My flight to Zurich was cancelled, can I rebook?\nAgent:"
 
@@ -50,7 +50,7 @@ def test_logits_and_greedy_tokens_equal_peft(engine, tenant):
         )[0, ids.shape[1] :].tolist()
 
     assert (ours - expected).abs().max().item() <= 1e-4
-    generated = engine.generate(ids[0].tolist(), weights, SamplingConfig(16, temperature=0))
+    generated = decode_alone(engine, ids[0].tolist(), weights, SamplingConfig(16, temperature=0))
     assert generated.text == engine.tokenizer.decode(expected_tokens, skip_special_tokens=True)
 
 

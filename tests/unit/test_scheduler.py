@@ -12,7 +12,7 @@ from services.inference.decoding import DecodeSequence, SamplingConfig
 from services.inference.engine import Engine
 from services.inference.scheduler import BatchingLimits, Scheduler
 from services.inference.settings import InferenceSettings
-from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, load_lora_weights
+from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, decode_alone, load_lora_weights
 
 PROMPTS = [
     "Customer: Where is my order?\nAgent:",
@@ -62,7 +62,9 @@ async def test_concurrent_requests_over_different_adapters_equal_decoding_alone(
     engine, adapters, make_scheduler
 ):
     rows = [(p, a) for p in PROMPTS for a in adapters]
-    alone = [engine.generate(engine.encode(p), adapters[a], SamplingConfig(16, 0)) for p, a in rows]
+    alone = [
+        decode_alone(engine, engine.encode(p), adapters[a], SamplingConfig(16, 0)) for p, a in rows
+    ]
     scheduler = make_scheduler(max_batch_size=8)
     requests = [scheduler.submit("t", sequence(engine, p, adapters[a])) for p, a in rows]
     results = await asyncio.gather(*(finish(r) for r in requests))
@@ -152,3 +154,20 @@ async def test_unstreamed_request_gets_one_chunk_with_everything(engine, make_sc
     whole = await finish(scheduler.submit("t", sequence(engine, PROMPTS[0], tokens=12), False))
     assert len(whole) == 1 and len(streamed) > 1
     assert whole[0].text == whole[0].generation.text == "".join(c.text for c in streamed)
+
+
+async def test_a_tenant_back_from_idle_has_no_saved_up_credit(engine, make_scheduler):
+    """docs/composition.md: an idle tenant joins at the smallest counter of the busy ones.
+    A tenant served little long ago must not then take every slot until it catches up."""
+    scheduler = make_scheduler(max_batch_size=1, max_wait_seconds=0)
+    await finish(scheduler.submit("early", sequence(engine, PROMPTS[0], tokens=2)))
+    busy = [scheduler.submit("busy", sequence(engine, PROMPTS[1], tokens=6)) for _ in range(10)]
+    await asyncio.gather(*(finish(r) for r in busy[:5]))  # "busy" has been served a lot
+    back = [scheduler.submit("early", sequence(engine, PROMPTS[0], tokens=6)) for _ in range(4)]
+    await asyncio.gather(*(finish(r) for r in busy[5:] + back))
+    order = sorted(busy[5:] + back, key=lambda r: r.admitted_at)
+    tenants = [r.tenant for r in order]
+    # Saved-up credit would admit all four of "early" first: early x4, then busy.
+    first_busy = tenants.index("busy")
+    last_early = len(tenants) - 1 - tenants[::-1].index("early")
+    assert first_busy < last_early, tenants
