@@ -25,8 +25,8 @@ from bench.common import interleaved, load_ours, load_peft, make_adapters, summa
 from services.inference.decoding import DecodeSequence, SamplingConfig
 from services.inference.engine import Engine
 from services.inference.lora import LoraWeights
-from services.inference.scheduler import BatchingLimits, Scheduler
-from services.inference.settings import InferenceSettings
+from services.inference.scheduler import Scheduler
+from services.inference.settings import BatchingLimits, InferenceSettings
 
 REQUESTS, ADAPTERS, PROMPT, NEW, ROUNDS = 64, 16, 32, 32, 5
 TARGETS = {"(c) >= 0.85 x (d)": 0.85, "(c) >= 1.3 x (b)": 1.3, "(c) >= 8 x (a)": 8.0}
@@ -72,7 +72,8 @@ def main() -> None:
     engine = Engine(model_dir)
     limit = max(REQUESTS, 64)
     scheduler = Scheduler(
-        engine, BatchingLimits(max_batch_size=limit, max_queued=1024, max_queued_per_tenant=1024)
+        engine,
+        BatchingLimits(max_batch_size=limit, max_queued_requests=1024, max_queued_per_tenant=1024),
     )
     scheduler.start()
     with tempfile.TemporaryDirectory() as tmp:

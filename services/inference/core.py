@@ -26,7 +26,7 @@ from services.inference.decoding import DecodeSequence, Generation, SamplingConf
 from services.inference.engine import Engine, TokenScores, resolve_device
 from services.inference.lora import LoraWeights, parse_adapter
 from services.inference.registry import AdapterRecord, AdapterRegistry
-from services.inference.scheduler import BatchingLimits, Scheduler, StreamChunk
+from services.inference.scheduler import Scheduler, StreamChunk
 from services.inference.settings import InferenceSettings
 from services.inference.store import AdapterStore, collect_files
 from services.inference.swap import HotSwap, SwapListener
@@ -127,16 +127,7 @@ class InferenceCore:
         """Load the base model (seconds to minutes); until then requests get UNAVAILABLE."""
         s = self.settings
         self._engine = await asyncio.to_thread(Engine, s.model_dir, s.device, s.dtype)
-        self._scheduler = Scheduler(
-            self._engine,
-            BatchingLimits(
-                max_batch_size=s.max_batch_size,
-                max_wait_seconds=s.batch_wait_ms / 1000,
-                max_prefill_tokens=s.max_prefill_tokens,
-                max_queued=s.max_queued_requests,
-                max_queued_per_tenant=s.max_queued_per_tenant,
-            ),
-        )
+        self._scheduler = Scheduler(self._engine, s.batching_limits())
         self._scheduler.start()
         self.swap_listener.start()
 

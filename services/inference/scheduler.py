@@ -24,25 +24,20 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from services.common.errors import LoraplexError, ResourceExhausted, Unavailable
-from services.inference.decoding import DecodeBatch, DecodeSequence, Generation, model_error
-from services.inference.engine import Engine
+from services.inference.decoding import (
+    DecodeBatch,
+    DecodeSequence,
+    Generation,
+    ModelRunner,
+    model_error,
+)
+from services.inference.settings import BatchingLimits
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PROMPT_TOKEN_COST = 1.0
 OUTPUT_TOKEN_COST = 2.0  # S-LoRA's weights: a decode step costs more than a prefill token
-
-
-@dataclass(frozen=True)
-class BatchingLimits:
-    max_batch_size: int = 32
-    # How long an idle model waits for more requests to start a batch with.
-    max_wait_seconds: float = 0.002
-    # Prompt tokens prefilled per step at most, so running rows keep a steady pace.
-    max_prefill_tokens: int = 4096
-    max_queued: int = 256
-    max_queued_per_tenant: int = 64
 
 
 @dataclass(frozen=True)
@@ -119,8 +114,8 @@ class ScheduledRequest:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, limits: BatchingLimits) -> None:
-        self.engine = engine
+    def __init__(self, runner: ModelRunner, limits: BatchingLimits) -> None:
+        self.runner = runner
         self.limits = limits
         self._cond = threading.Condition()
         self._waiting: dict[str, deque[ScheduledRequest]] = defaultdict(deque)
@@ -129,7 +124,7 @@ class Scheduler:
         self._counters: dict[str, float] = defaultdict(float)
         self._calls: deque[tuple[Callable[[], object], Future]] = deque()
         self._cancelled: set[DecodeSequence] = set()
-        self._batch = DecodeBatch(engine)
+        self._batch = DecodeBatch(runner)
         self._running: list[ScheduledRequest] = []
         self._stopping = False
         self.steps = 0
@@ -156,9 +151,10 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise Unavailable("the inference server is shutting down", reason="SHUTTING_DOWN")
-            if self._queued >= limits.max_queued:
+            if self._queued >= limits.max_queued_requests:
                 raise ResourceExhausted(
-                    f"the inference queue is full ({limits.max_queued} requests); retry later",
+                    f"the inference queue is full ({limits.max_queued_requests} requests); "
+                    "retry later",
                     reason="QUEUE_FULL",
                 )
             if len(self._waiting[tenant]) >= limits.max_queued_per_tenant:
@@ -229,7 +225,7 @@ class Scheduler:
                 # Idle: give concurrent arrivals a moment to share the first batch.
                 self._cond.wait_for(
                     lambda: self._queued >= self.limits.max_batch_size or self._stopping,
-                    timeout=self.limits.max_wait_seconds,
+                    timeout=self.limits.batch_wait_ms / 1000,
                 )
             admitted = self._admit()
         for work, future in calls:
@@ -295,7 +291,7 @@ class Scheduler:
         running = list(self._running)
         for request in running:
             request._fail(failure)
-        self._batch = DecodeBatch(self.engine)
+        self._batch = DecodeBatch(self.runner)
         self._release(running)
 
     @staticmethod

@@ -1,10 +1,24 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from pydantic import field_validator
 
 from services.common.settings import REPO_ROOT, ServiceSettings
+
+
+@dataclass(frozen=True)
+class BatchingLimits:
+    """Continuous batching (services/inference/scheduler.py). The settings below take their
+    defaults from here, and YAML or the environment override them."""
+
+    max_batch_size: int = 32  # rows decoded together
+    batch_wait_ms: float = 2.0  # how long an idle model waits for more requests to batch
+    # Prompt tokens prefilled per step at most, so running rows keep a steady pace.
+    max_prefill_tokens: int = 4096
+    max_queued_requests: int = 256  # beyond this, RESOURCE_EXHAUSTED at once
+    max_queued_per_tenant: int = 64  # so one tenant's flood cannot fill the whole queue
 
 
 class InferenceSettings(ServiceSettings):
@@ -35,12 +49,15 @@ class InferenceSettings(ServiceSettings):
 
     # Most adapters one composition may mix.
     max_composed_adapters: int = 8
-    # Continuous batching (services/inference/scheduler.py).
-    max_batch_size: int = 32
-    batch_wait_ms: float = 2.0
-    max_prefill_tokens: int = 4096
-    max_queued_requests: int = 256
-    max_queued_per_tenant: int = 64
+    # Continuous batching: BatchingLimits says what each means.
+    max_batch_size: int = BatchingLimits.max_batch_size
+    batch_wait_ms: float = BatchingLimits.batch_wait_ms
+    max_prefill_tokens: int = BatchingLimits.max_prefill_tokens
+    max_queued_requests: int = BatchingLimits.max_queued_requests
+    max_queued_per_tenant: int = BatchingLimits.max_queued_per_tenant
+
+    def batching_limits(self) -> BatchingLimits:
+        return BatchingLimits(**{f.name: getattr(self, f.name) for f in fields(BatchingLimits)})
 
     @field_validator("model_dir", "adapter_store_dir")
     @classmethod

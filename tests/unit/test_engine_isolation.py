@@ -17,8 +17,8 @@ from services.common.errors import LoraplexError
 from services.inference.decoding import DecodeSequence, SamplingConfig
 from services.inference.engine import Engine
 from services.inference.lora import LinearShape, LoraModule, LoraWeights
-from services.inference.scheduler import BatchingLimits, Scheduler
-from services.inference.settings import InferenceSettings
+from services.inference.scheduler import Scheduler
+from services.inference.settings import BatchingLimits, InferenceSettings
 from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, decode_alone, load_lora_weights
 
 PROMPTS = [
@@ -171,7 +171,7 @@ async def test_a_failing_prefill_fails_only_its_request_and_every_admitted_one_i
         rank=4,
         lora_alpha=4,
     )
-    scheduler = make_scheduler(engine, max_batch_size=8, max_wait_seconds=0.2)
+    scheduler = make_scheduler(engine, max_batch_size=8, batch_wait_ms=200)
     healthy = submit_healthy(scheduler, engine, adapters)  # admitted in the same step
     doomed = scheduler.submit("mallory", DecodeSequence(engine.encode(PROMPTS[0]), broken, GREEDY))
     results = await asyncio.wait_for(

@@ -10,8 +10,8 @@ import pytest
 from services.common.errors import ResourceExhausted
 from services.inference.decoding import DecodeSequence, SamplingConfig
 from services.inference.engine import Engine
-from services.inference.scheduler import BatchingLimits, Scheduler
-from services.inference.settings import InferenceSettings
+from services.inference.scheduler import Scheduler
+from services.inference.settings import BatchingLimits, InferenceSettings
 from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, decode_alone, load_lora_weights
 
 PROMPTS = [
@@ -91,7 +91,7 @@ async def test_short_request_is_not_held_behind_a_long_one(engine, make_schedule
 
 
 async def test_a_flooding_tenant_does_not_starve_another(engine, make_scheduler):
-    scheduler = make_scheduler(max_batch_size=2, max_wait_seconds=0)
+    scheduler = make_scheduler(max_batch_size=2, batch_wait_ms=0)
     flood = [scheduler.submit("flood", sequence(engine, PROMPTS[0], tokens=6)) for _ in range(16)]
     await asyncio.sleep(0.05)
     polite = [scheduler.submit("polite", sequence(engine, PROMPTS[1], tokens=6)) for _ in range(3)]
@@ -106,7 +106,7 @@ async def test_a_flooding_tenant_does_not_starve_another(engine, make_scheduler)
 
 
 async def test_full_queue_is_refused_at_once_and_per_tenant(engine, make_scheduler):
-    scheduler = make_scheduler(max_batch_size=1, max_queued=3, max_queued_per_tenant=2)
+    scheduler = make_scheduler(max_batch_size=1, max_queued_requests=3, max_queued_per_tenant=2)
     running = scheduler.submit("a", sequence(engine, PROMPTS[0], tokens=300, stop=()))
     await asyncio.sleep(0.05)  # admitted: the one row is busy
     queued = [scheduler.submit("a", sequence(engine, PROMPTS[0])) for _ in range(2)]
@@ -159,7 +159,7 @@ async def test_unstreamed_request_gets_one_chunk_with_everything(engine, make_sc
 async def test_a_tenant_back_from_idle_has_no_saved_up_credit(engine, make_scheduler):
     """docs/composition.md: an idle tenant joins at the smallest counter of the busy ones.
     A tenant served little long ago must not then take every slot until it catches up."""
-    scheduler = make_scheduler(max_batch_size=1, max_wait_seconds=0)
+    scheduler = make_scheduler(max_batch_size=1, batch_wait_ms=0)
     await finish(scheduler.submit("early", sequence(engine, PROMPTS[0], tokens=2)))
     busy = [scheduler.submit("busy", sequence(engine, PROMPTS[1], tokens=6)) for _ in range(10)]
     await asyncio.gather(*(finish(r) for r in busy[:5]))  # "busy" has been served a lot
