@@ -187,23 +187,30 @@ class RedisStickyStore:
     async def _send(self) -> None:
         batch, self._batch = self._batch, []
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for keys, args, _ in batch:
-                    pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                replies = await pipe.execute(raise_on_error=False)
+            if len(batch) == 1:  # the usual case unless under load: no pipeline to build
+                keys, args, _ = batch[0]
+                replies = [await self._script(keys=keys, args=args)]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for keys, args, _ in batch:
+                        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+                    replies = await pipe.execute(raise_on_error=False)
             for (keys, args, future), reply in zip(batch, replies, strict=True):
                 if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
                     reply = await self._script(keys=keys, args=args)  # loads it again
-                if future.done():
-                    continue
-                if isinstance(reply, Exception):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
+                _settle(future, reply)
         except Exception as err:  # the connection failed: every call of the batch did
             for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(err)
+                _settle(future, err)
+
+
+def _settle(future: asyncio.Future, reply: object) -> None:
+    if future.done():  # its caller left
+        return
+    if isinstance(reply, Exception):
+        future.set_exception(reply)
+    else:
+        future.set_result(reply)
 
 
 @dataclass(frozen=True)

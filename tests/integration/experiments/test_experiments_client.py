@@ -5,6 +5,7 @@ changes made through the service without a restart."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -220,3 +221,17 @@ async def test_tenants_and_bad_input(client, exp_stub, exp_redis):
         with pytest.raises(InvalidArgument) as err:
             await client.assign(tenant, key, unit)
         assert err.value.reason == reason
+
+
+async def test_sticky_writes_survive_a_script_flush_alone_and_in_a_burst(
+    client, exp_stub, exp_redis
+):
+    tenant = await running(exp_stub, exp_redis)
+    for burst in (1, 300):  # one call is sent alone; a burst goes as one pipeline
+        await exp_redis.script_flush()  # as after a Redis restart: EVALSHA answers NOSCRIPT
+        units = [f"flush-{burst}-{i}" for i in range(burst)]
+        got = await asyncio.gather(*(client.assign(tenant, "sdk", u) for u in units))
+        want = [assignment.assign(u, "sdk", 2, [0.5, 0.5]).variant_index for u in units]
+        assert [a.variant_index for a in got] == want and not any(a.sticky for a in got)
+    results = await exp_stub.GetResults(pb.GetResultsRequest(tenant=tenant, key="sdk"))
+    assert sum(results.units_per_variant) == 301  # each stored once
