@@ -50,6 +50,8 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if gateway.assigner is not None:
+            gateway.assigner.start()
         if gateway.exporter is not None:
             gateway.exporter.start()
         if gateway.candidates is not None:
@@ -59,6 +61,8 @@ def create_app(
             await gateway.candidates.close()
         if gateway.exporter is not None:  # flush usage events before channels close
             await gateway.exporter.close()
+        if gateway.assigner is not None:  # before the redis client closes
+            await gateway.assigner.close()
         if on_shutdown is not None:
             await on_shutdown()
 

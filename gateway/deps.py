@@ -27,6 +27,7 @@ from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.analytics_exporter import AnalyticsExporter
 from services.common.errors import Unauthenticated, Unavailable
+from services.experiments.client import ExperimentsClient
 
 
 class Gateway:
@@ -57,6 +58,10 @@ class Gateway:
         self.experiments = (
             xpb_grpc.ExperimentsServiceStub(experiments_channel) if experiments_channel else None
         )
+        # `experiment:<key>` completions are assigned here, without an RPC per request (the
+        # experiments service's client library, on the same Redis). create_app's lifespan
+        # starts it listening for definition changes.
+        self.assigner = ExperimentsClient(redis) if experiments_channel else None
         self.redis = redis
         self.keys = TenantKeyStore(redis)
         self.inference = pb_grpc.InferenceServiceStub(inference_channel)
@@ -91,6 +96,10 @@ class Gateway:
                 reason="EXPERIMENTS_DISABLED",
             )
         return self.experiments
+
+    def require_assigner(self) -> ExperimentsClient:
+        self.require_experiments()  # the same 503 as the other experiment routes
+        return self.assigner  # type: ignore[return-value]  # set whenever experiments is
 
     def require_activelearning(self) -> alpb_grpc.ActiveLearningServiceStub:
         if self.activelearning is None:

@@ -176,9 +176,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_domain_error(_: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, LoraplexError)
-        return error_response(
-            http_status(err.code), err.message, [error_info(err.reason, err.metadata)]
-        )
+        # Named by its gRPC code, as the same error met through a service would be.
+        details = [error_info(err.reason, err.metadata)]
+        return error_response(http_status(err.code), err.message, details, status=err.code.name)
 
     async def on_validation_error(_: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, RequestValidationError)

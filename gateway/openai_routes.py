@@ -26,7 +26,6 @@ from gateway.openai_schemas import (
 )
 from gateway.protojson import proto_to_json
 from loraplex.common.v1 import common_pb2
-from loraplex.experiments.v1 import experiments_service_pb2 as xpb
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.analytics_exporter import completion_event
 from services.common.errors import InvalidArgument
@@ -53,7 +52,8 @@ class Route:
 
 async def _route(gateway: Gateway, tenant: str, body: GenerationRequest, base_id: str) -> Route:
     """`model` names an adapter, the base model, or `experiment:<key>`: then `user` is the
-    unit the experiments service assigns (deterministic and sticky) to a variant."""
+    unit assigned (deterministic and sticky) to a variant, here, by the experiments client
+    library; a unit the experiment leaves out gets the control."""
     if body.composition is not None:
         if body.model != base_id:
             raise InvalidArgument(
@@ -70,16 +70,8 @@ async def _route(gateway: Gateway, tenant: str, body: GenerationRequest, base_id
             "set `user` (a stable id of the end user) to target an experiment",
             reason="USER_REQUIRED",
         )
-    assignment = await gateway.require_experiments().Assign(
-        xpb.AssignRequest(tenant=tenant, experiment_key=key, unit_id=body.user),
-        timeout=gateway.timeout,
-    )
-    variant = assignment.variant
-    if not assignment.in_experiment:  # excluded units get the control, as GrowthBook does
-        found = await gateway.require_experiments().GetExperiment(
-            xpb.GetExperimentRequest(tenant=tenant, key=key), timeout=gateway.timeout
-        )
-        variant = found.experiment.variants[0]
+    assignment = await gateway.require_assigner().assign(tenant, key, body.user)
+    variant = assignment.serving
     refs = [common_pb2.AdapterRef(name=a.name, version=a.version) for a in variant.adapters]
     adapter, composition = common_pb2.AdapterRef(), None
     if len(refs) == 1:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
@@ -44,6 +48,19 @@ def load_lora_weights(directory: Path, linear_shapes: dict, dtype=None):
         linear_shapes,
         dtype=dtype or torch.float32,
     )
+
+
+async def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Polls check() (sync or async) until it gives something truthy; its last result when
+    the time is up."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result or asyncio.get_running_loop().time() > deadline:
+            return result
+        await asyncio.sleep(0.02)
 
 
 def new_tenant() -> str:

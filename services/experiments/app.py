@@ -10,7 +10,6 @@ from services.experiments.analytics_source import AnalyticsSource
 from services.experiments.core import ExperimentStore
 from services.experiments.servicer import SERVICE_NAME, ExperimentsServicer
 from services.experiments.settings import ExperimentsSettings
-from services.experiments.sync_server import SyncServer
 
 
 def create_server(
@@ -27,9 +26,5 @@ def create_server(
             settings.base_model_name,
         )
     servicer = ExperimentsServicer(store, settings, analytics)
-    if settings.server_mode == "sync":
-        return SyncServer(settings, servicer), store  # type: ignore[return-value]
-    if settings.server_mode != "aio":
-        raise ValueError(f"server_mode must be 'aio' or 'sync', got {settings.server_mode!r}")
     spec = ServiceSpec(SERVICE_NAME, servicer, pb_grpc.add_ExperimentsServiceServicer_to_server)
     return Server(settings, [spec]), store

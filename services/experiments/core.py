@@ -1,24 +1,13 @@
-"""The experiments domain layer: definitions, validation, sticky assignment. No gRPC here.
+"""The experiments domain layer: definitions, validation, outcomes, results' inputs. No gRPC.
 
-Keys (all in the tenant's hash slot):
-  lp:{tenant}:experiment:<key>                          string  JSON definition
-  lp:{tenant}:experiments                               zset    experiment keys (score 0)
-  lp:{tenant}:experiment:<key>:sticky:<bucket_version>  hash    unit id -> variant index
-  lp:{tenant}:experiment:<key>:units:<bucket_version>   hash    variant index -> units assigned;
-      "<index>:a" -> Assign calls answered in the experiment, "<index>:a2" -> sum over the
-      variant's units of (their Assign calls)^2 (the design effect of request-level metrics)
-  lp:{tenant}:experiment:<key>:calls:<bucket_version>   hash    unit id -> its Assign calls
-  lp:{tenant}:experiment:<key>:seq:<bucket_version>     hash    "<source>|<metric>|<variant>"
-      -> the smallest always-valid p-value reported so far (its running minimum)
-  lp:{tenant}:experiment:<key>:outcome:<bv>:<metric>:units  hash  unit id -> "count:total"
-  lp:{tenant}:experiment:<key>:outcome:<bv>:<metric>        hash  "<variant index>:n|sum|sumsq"
-      -> units, sum and sum of squares of the per-unit values (the statistics' inputs)
+Key names are in services.experiments.keys; assignment (shared with the callers that
+assign in their own process) is services.experiments.client.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import json
 import math
 import re
 import time
@@ -32,50 +21,40 @@ from services.common.errors import (
     InvalidArgument,
     NotFound,
 )
-from services.common.keys import PLATFORM, adapter_index, adapter_versions, key
+from services.common.keys import PLATFORM, adapter_index, adapter_versions
 from services.common.names import check_adapter_name, check_tenant
 from services.common.paging import decode_page_token, encode_page_token
-from services.experiments import assignment
+from services.experiments.client import (
+    Assignment,
+    ExperimentsClient,
+    check_experiment_key,
+    read_definition,
+)
+from services.experiments.keys import (
+    DEFINITIONS_CHANNEL,
+    experiment_index,
+    experiment_key,
+    outcome_key,
+    sequential_key,
+    sticky_key,
+    units_key,
+)
 from services.experiments.model import (
     Experiment,
     Metric,
     Namespace,
     Status,
-    Variant,
     VariantAdapter,
     from_json,
 )
-from services.experiments.pipe import ScriptPipe, SyncScriptConnection
 from services.experiments.stats import Aggregate
 
 WEIGHT_TOLERANCE = 0.01
 MAX_VARIANTS = 20
-MAX_UNIT_ID = 256
 MAX_OUTCOMES = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-
-# One Assign, one round trip. The first assignment of a unit under a bucket version wins
-# (ARGV[2]: the hash's variant index, -1 when the hash leaves the unit out); later calls
-# read it back. Units in the experiment have their Assign calls counted. Returns the
-# variant index (-1: not in the experiment) and 1 when it was stored by this call.
-_ASSIGN = """
-local v = redis.call('HGET', KEYS[1], ARGV[1])
-local created = 0
-if not v then
-  if ARGV[2] == '-1' then return {-1, 0} end
-  v = ARGV[2]
-  redis.call('HSET', KEYS[1], ARGV[1], v)
-  redis.call('HINCRBY', KEYS[2], v, 1)
-  created = 1
-end
-local m = redis.call('HINCRBY', KEYS[3], ARGV[1], 1)
-redis.call('HINCRBY', KEYS[2], v .. ':a', 1)
-redis.call('HINCRBY', KEYS[2], v .. ':a2', 2 * m - 1)
-return {tonumber(v), created}
-"""
 
 # The running minimum of always-valid p-values: ARGV holds field, p pairs.
 _RUNNING_MIN = """
@@ -120,49 +99,18 @@ redis.call('HSET', KEYS[2], ARGV[1], (count + 1) .. ':' .. string.format('%.17g'
 return 1
 """
 
-# Compare-and-set of a definition, so concurrent updates cannot lose each other's changes.
+# Compare-and-set of a definition, so concurrent updates cannot lose each other's changes,
+# announced (ARGV[3] channel, ARGV[4] message) in the same step for every client's cache.
 _CAS = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
 
-def experiment_key(tenant: str, exp_key: str) -> str:
-    return key(tenant, "experiment", exp_key)
-
-
-def experiment_index(tenant: str) -> str:
-    return key(tenant, "experiments")
-
-
-def sticky_key(tenant: str, exp_key: str, bucket_version: int) -> str:
-    return key(tenant, "experiment", exp_key, "sticky", bucket_version)
-
-
-def units_key(tenant: str, exp_key: str, bucket_version: int) -> str:
-    return key(tenant, "experiment", exp_key, "units", bucket_version)
-
-
-def calls_key(tenant: str, exp_key: str, bucket_version: int) -> str:
-    return key(tenant, "experiment", exp_key, "calls", bucket_version)
-
-
-def sequential_key(tenant: str, exp_key: str, bucket_version: int) -> str:
-    return key(tenant, "experiment", exp_key, "seq", bucket_version)
-
-
-def outcome_key(tenant: str, exp_key: str, bucket_version: int, metric: str) -> str:
-    return key(tenant, "experiment", exp_key, "outcome", bucket_version, metric)
-
-
-def check_experiment_key(value: str) -> str:
-    if not _KEY.fullmatch(value or ""):
-        raise InvalidArgument(
-            f"invalid experiment key {value!r}: use 1-63 lowercase letters, digits, '-' or '_'",
-            reason="INVALID_EXPERIMENT_KEY",
-        )
-    return value
+def _announcement(exp: Experiment) -> str:
+    return json.dumps({"tenant": exp.tenant, "key": exp.key})
 
 
 def _finite(value: float) -> bool:
@@ -204,52 +152,12 @@ def _check_name(what: str, value: str) -> None:
         )
 
 
-class _RedisPyScript:
-    """ScriptPipe's interface over redis-py, for connections ScriptPipe does not handle
-    (TLS, credential providers, clusters)."""
-
-    def __init__(self, redis: aioredis.Redis, script: str) -> None:
-        self.script = redis.register_script(script)
-
-    async def call(self, numkeys: int, *parts):
-        return await self.script(keys=list(parts[:numkeys]), args=list(parts[numkeys:]))
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What Assign needs of one definition, computed once per definition read."""
-
-    experiment: Experiment
-    ranges: list[tuple[float, float]]
-    keys: tuple[bytes, bytes, bytes]  # sticky, units, calls
-    expires: float
-
-
 @dataclass(frozen=True)
 class Outcome:
     experiment_key: str
     unit_id: str
     metric: str
     value: float
-
-
-@dataclass(frozen=True)
-class Assignment:
-    experiment: Experiment
-    variant_index: int  # -1: not in the experiment
-    bucket: float
-    sticky: bool
-
-    @property
-    def in_experiment(self) -> bool:
-        return self.variant_index >= 0
-
-    @property
-    def variant(self) -> Variant | None:
-        return self.experiment.variants[self.variant_index] if self.in_experiment else None
 
 
 @dataclass(frozen=True)
@@ -280,23 +188,18 @@ class ExperimentStore:
     def __init__(self, redis: aioredis.Redis, definition_cache_seconds: float = 0.0) -> None:
         """definition_cache_seconds > 0: Assign reuses a definition read that recently (one
         Redis round trip per Assign instead of two). Changes made through this store take
-        effect at once; changes made by another replica within that many seconds."""
+        effect at once; changes made by another replica within that many seconds, or at
+        once after `self.assigner.start()` (it then listens for announced writes)."""
         self.redis = redis
-        self.cache_seconds = definition_cache_seconds
-        self._cache: dict[tuple[str, str], _Plan] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Future] = {}
+        self.assigner = ExperimentsClient(redis, cache_seconds=definition_cache_seconds)
         self._cas = redis.register_script(_CAS)
         self._outcome = redis.register_script(_OUTCOME)
         self._running_min = redis.register_script(_RUNNING_MIN)
-        supported = ScriptPipe.supports(redis)
-        self._assign = (ScriptPipe if supported else _RedisPyScript)(redis, _ASSIGN)
-        self._assign_blocking = SyncScriptConnection(redis, _ASSIGN) if supported else None
 
     def close(self) -> None:
-        """Closes the Assign connections (the redis client is the caller's to close)."""
-        self._assign.close()
-        if self._assign_blocking is not None:
-            self._assign_blocking.close()
+        """Stops listening for definition writes, if it was (the redis client is the
+        caller's to close)."""
+        self.assigner.stop()
 
     # -- validation -------------------------------------------------------------------------
 
@@ -389,56 +292,11 @@ class ExperimentStore:
                 f"experiment {exp.key!r} already exists", reason="EXPERIMENT_EXISTS"
             )
         await self.redis.zadd(experiment_index(exp.tenant), {exp.key: 0})
+        await self.redis.publish(DEFINITIONS_CHANNEL, _announcement(exp))
         return exp
 
-    async def _raw(self, tenant: str, exp_key: str) -> bytes:
-        check_tenant(tenant)
-        check_experiment_key(exp_key)
-        raw = await self.redis.get(experiment_key(tenant, exp_key))
-        if raw is None:
-            raise NotFound(f"experiment {exp_key!r} not found", reason="EXPERIMENT_NOT_FOUND")
-        return raw
-
     async def get(self, tenant: str, exp_key: str) -> Experiment:
-        return from_json(await self._raw(tenant, exp_key))
-
-    async def _plan(self, tenant: str, exp_key: str) -> _Plan:
-        """The definition's assignment plan, from the local cache when fresh (a hit skips the
-        name checks: only checked names are cached); concurrent misses for one experiment
-        share a single Redis read (no connection storm on a burst)."""
-        ident = (tenant, exp_key)
-        hit = self._cache.get(ident)
-        now = time.monotonic()
-        if hit is not None and hit.expires > now:
-            return hit
-        inflight = self._inflight.get(ident)
-        if inflight is not None:
-            return await asyncio.shield(inflight)
-        task = asyncio.ensure_future(self._read_plan(tenant, exp_key, now))
-        self._inflight[ident] = task
-        try:
-            return await asyncio.shield(task)
-        finally:
-            self._inflight.pop(ident, None)
-
-    async def _read_plan(self, tenant: str, exp_key: str, now: float) -> _Plan:
-        exp = await self.get(tenant, exp_key)
-        version = exp.bucket_version
-        plan = _Plan(
-            exp,
-            assignment.bucket_ranges(exp.weights, exp.coverage),
-            (
-                sticky_key(tenant, exp_key, version).encode(),
-                units_key(tenant, exp_key, version).encode(),
-                calls_key(tenant, exp_key, version).encode(),
-            ),
-            now + self.cache_seconds,
-        )
-        if self.cache_seconds > 0:
-            if len(self._cache) > 10_000:
-                self._cache.clear()
-            self._cache[(tenant, exp_key)] = plan
-        return plan
+        return from_json(await read_definition(self.redis, tenant, exp_key))
 
     async def list(
         self, tenant: str, page_size: int = 0, page_token: str = "", status: Status | None = None
@@ -469,11 +327,12 @@ class ExperimentStore:
 
     async def update(self, tenant: str, exp_key: str, change: Update) -> Experiment:
         for _ in range(10):
-            raw = await self._raw(tenant, exp_key)
+            raw = await read_definition(self.redis, tenant, exp_key)
             exp = self._apply(from_json(raw), change)
             exp = await self.validate(exp)
-            if await self._cas(keys=[experiment_key(tenant, exp_key)], args=[raw, exp.to_json()]):
-                self._cache.pop((tenant, exp_key), None)
+            args = [raw, exp.to_json(), DEFINITIONS_CHANNEL, _announcement(exp)]
+            if await self._cas(keys=[experiment_key(tenant, exp_key)], args=args):
+                self.assigner.invalidate(tenant, exp_key)  # at once here, listening or not
                 return exp
         raise FailedPrecondition(
             "the experiment is being changed concurrently; retry", reason="CONCURRENT_UPDATE"
@@ -522,55 +381,9 @@ class ExperimentStore:
 
     # -- assignment -------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_unit(unit_id: str) -> None:
-        if not unit_id:
-            raise InvalidArgument("unit_id is required", reason="EMPTY_UNIT_ID")
-        if len(unit_id) > MAX_UNIT_ID:
-            raise InvalidArgument(
-                f"unit_id is longer than {MAX_UNIT_ID} characters", reason="UNIT_ID_TOO_LONG"
-            )
-
-    @staticmethod
-    def _bucket(plan: _Plan, exp_key: str, unit_id: str) -> tuple[int, float]:
-        """(the hash's variant index or -1, the unit's hash n); the experiment must run."""
-        exp = plan.experiment
-        if exp.status != Status.RUNNING:
-            raise FailedPrecondition(
-                f"experiment {exp_key!r} is {exp.status}, not running",
-                reason="EXPERIMENT_NOT_RUNNING",
-            )
-        n = assignment.gb_hash(exp.hash_seed, unit_id, exp.hash_version)
-        ns = exp.namespace
-        if ns is not None and not assignment.in_namespace(unit_id, ns.name, ns.start, ns.end):
-            return assignment.NOT_IN_EXPERIMENT, n
-        return assignment.choose_variation(n, plan.ranges), n
-
     async def assign(self, tenant: str, exp_key: str, unit_id: str) -> Assignment:
-        self._check_unit(unit_id)
-        plan = await self._plan(tenant, exp_key)
-        index, n = self._bucket(plan, exp_key, unit_id)
-        # Also for a unit the hash leaves out: it may have been assigned before coverage
-        # was lowered, and then keeps its variant.
-        stored, created = await self._assign.call(3, *plan.keys, unit_id, index)
-        return Assignment(plan.experiment, stored, n, stored >= 0 and not created)
-
-    def assign_blocking(
-        self, tenant: str, exp_key: str, unit_id: str, loop: asyncio.AbstractEventLoop
-    ) -> Assignment:
-        """assign() for a worker thread of a thread-pool gRPC server: the Redis call goes
-        over this thread's own blocking connection; a definition-cache miss (and anything
-        ScriptPipe does not support) runs on `loop`, where the store's other work runs."""
-        if self._assign_blocking is None:
-            future = asyncio.run_coroutine_threadsafe(self.assign(tenant, exp_key, unit_id), loop)
-            return future.result()
-        self._check_unit(unit_id)
-        plan = self._cache.get((tenant, exp_key))
-        if plan is None or plan.expires <= time.monotonic():
-            plan = asyncio.run_coroutine_threadsafe(self._plan(tenant, exp_key), loop).result()
-        index, n = self._bucket(plan, exp_key, unit_id)
-        stored, created = self._assign_blocking.call(3, *plan.keys, unit_id, index)
-        return Assignment(plan.experiment, stored, n, stored >= 0 and not created)
+        """What the client library gives a caller that assigns in its own process."""
+        return await self.assigner.assign(tenant, exp_key, unit_id)
 
     async def variant_counts(self, exp: Experiment) -> VariantCounts:
         raw = await self.redis.hgetall(units_key(exp.tenant, exp.key, exp.bucket_version))

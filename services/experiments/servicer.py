@@ -134,21 +134,11 @@ def experiment_from_pb(tenant: str, msg: pb.Experiment) -> Experiment:
     )
 
 
-def assignment_to_pb(
-    result: Assignment, variants: list[pb.Variant] | None = None
-) -> pb.AssignResponse:
-    """variants: the experiment's variants as protos, when the caller keeps them."""
-    index = result.variant_index
-    if index < 0:
-        variant = None
-    elif variants is not None:
-        variant = variants[index]
-    else:
-        variant = variant_to_pb(result.experiment.variants[index])
+def assignment_to_pb(result: Assignment) -> pb.AssignResponse:
     return pb.AssignResponse(
-        in_experiment=index >= 0,
-        variant_index=index,
-        variant=variant,
+        in_experiment=result.in_experiment,
+        variant_index=result.variant_index,
+        variant=variant_to_pb(result.serving),
         bucket=result.bucket,
         sticky=result.sticky,
         bucket_version=result.experiment.bucket_version,
@@ -255,17 +245,6 @@ class ExperimentsServicer(pb_grpc.ExperimentsServiceServicer):
         self.store = store
         self.settings = settings
         self.analytics = analytics
-        # The variants of each definition Assign has served, as protos (built once).
-        # Keyed by id(): the entry holds the definition, so the id cannot be reused.
-        self._variants: dict[int, tuple[Experiment, list[pb.Variant]]] = {}
-
-    def variant_protos(self, exp: Experiment) -> list[pb.Variant]:
-        found = self._variants.get(id(exp))
-        if found is None or found[0] is not exp:
-            if len(self._variants) > 1000:
-                self._variants.clear()
-            found = self._variants[id(exp)] = (exp, [variant_to_pb(v) for v in exp.variants])
-        return found[1]
 
     async def CreateExperiment(self, request, context):
         exp = await self.store.create(experiment_from_pb(request.tenant, request.experiment))
@@ -289,7 +268,7 @@ class ExperimentsServicer(pb_grpc.ExperimentsServiceServicer):
 
     async def Assign(self, request, context):
         result = await self.store.assign(request.tenant, request.experiment_key, request.unit_id)
-        return assignment_to_pb(result, self.variant_protos(result.experiment))
+        return assignment_to_pb(result)
 
     async def RecordOutcomes(self, request, context):
         recorded, skipped = await self.store.record_outcomes(

@@ -21,11 +21,6 @@ class ExperimentsSettings(ServiceSettings):
     # Assign reuses an experiment definition read this recently (0: read it every time).
     # Start/stop/weight changes reach other replicas within this many seconds.
     definition_cache_seconds: float = 1.0
-    # "aio": grpc.aio, like every service. "sync": a thread-pool gRPC server (Assign on the
-    # worker threads, everything else on the event loop): ~30% less CPU per Assign with 4
-    # threads, but every in-flight RPC holds a thread (a slow GetResults delays Assigns).
-    server_mode: str = "aio"
-    sync_threads: int = 4
     # Mixing variance of the mSPRT's normal prior, in units of the metric's variance.
     sequential_tau: float = 1.0
     # The analytics service (host:port). Set: GetResults takes success, latency, time to

@@ -14,8 +14,6 @@ new version and tells the core to drop anything it cached about which version se
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -26,6 +24,7 @@ import redis.asyncio as aioredis
 
 from services.common.errors import DataLoss, FailedPrecondition, InvalidArgument, LoraplexError
 from services.common.names import owner_of
+from services.common.pubsub import ChannelListener, best_effort
 from services.inference.registry import (
     SWAP_CHANNEL,
     AdapterRecord,
@@ -120,7 +119,7 @@ class HotSwap:
                 cause=err.reason,
             ) from err
         if self.prefetch is not None:
-            await _best_effort(self.prefetch, record, what="prefetch")
+            await best_effort(self.prefetch, record, what="prefetch")
 
 
 @dataclass(frozen=True)
@@ -149,23 +148,7 @@ class SwapEvent:
         )
 
 
-async def _best_effort(func: Callable[..., Any], *args: Any, what: str) -> bool:
-    """Call a hook (sync or async); log and swallow what it raises."""
-    try:
-        result = func(*args)
-        if inspect.isawaitable(result):
-            await result
-        return True
-    except asyncio.CancelledError:
-        raise
-    except LoraplexError as err:
-        log.warning(f"{what} failed", extra={"reason": err.reason, "error": err.message})
-    except Exception:
-        log.exception(f"{what} failed")
-    return False
-
-
-class SwapListener:
+class SwapListener(ChannelListener):
     """Subscribes to SWAP_CHANNEL and, for each change (one at a time, in order):
     1. prefetch(record) of the version that now serves, so it is warm before traffic
        (skipped for the first registration of a new name: bulk uploads must not churn the
@@ -188,95 +171,24 @@ class SwapListener:
         min_retry_seconds: float = 0.05,
         max_retry_seconds: float = 5.0,
     ) -> None:
-        self._redis = redis
+        super().__init__(
+            redis,
+            channel,
+            name="swap listener",
+            min_retry_seconds=min_retry_seconds,
+            max_retry_seconds=max_retry_seconds,
+        )
         self._registry = registry
         self._prefetch = prefetch
         self._on_swap = on_swap
         self._on_reconnect = on_reconnect
-        self.channel = channel
-        self._min_retry = min_retry_seconds
-        self._max_retry = max_retry_seconds
-        self._task: asyncio.Task[None] | None = None
-        self._reconnected = False
-        self.subscribed = asyncio.Event()
         self.events_handled = 0
-        self.reconnects = 0
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="swap-listener")
-
-    async def wait_subscribed(self, timeout: float = 10.0) -> None:
-        await asyncio.wait_for(self.subscribed.wait(), timeout)
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
-    def stop(self) -> None:
-        """For synchronous shutdown paths: cancel; the task closes its connection as it ends."""
-        if self._task is not None:
-            self._task.cancel()
-            self._task = None
-        self.subscribed.clear()
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-        self.subscribed.clear()
-
-    def _connected_again(self, _connection: Any) -> None:
-        # redis-py may reconnect (and resubscribe) by itself inside a read.
-        self._reconnected = True
-
-    async def _run(self) -> None:
-        delay = self._min_retry
-        first = True
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                if pubsub.connection is not None:
-                    pubsub.connection.register_connect_callback(self._connected_again)
-                self._reconnected = False
-                self.subscribed.set()
-                if not first:
-                    await self._resync()
-                first, delay = False, self._min_retry
-                while True:
-                    message = await pubsub.get_message(timeout=1.0)
-                    if self._reconnected:
-                        self._reconnected = False
-                        await self._resync()
-                    if message is not None and message.get("type") == "message":
-                        await self._handle(message["data"])
-            except asyncio.CancelledError:
-                raise
-            except Exception as err:  # a lost connection, or anything else: start over
-                self.subscribed.clear()
-                log.warning(
-                    "swap listener lost its subscription; retrying",
-                    extra={"error": repr(err), "retry_seconds": delay},
-                )
-            finally:
-                if pubsub.connection is not None:  # it goes back to the pool: unhook us
-                    pubsub.connection.deregister_connect_callback(self._connected_again)
-                # Closing a dead connection may fail; it is gone anyway.
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self._max_retry)
-
-    async def _resync(self) -> None:
-        self.reconnects += 1
-        log.info("swap listener resubscribed; changes made meanwhile may have been missed")
+    async def resync(self) -> None:
         if self._on_reconnect is not None:
-            await _best_effort(self._on_reconnect, what="swap listener on_reconnect")
+            await best_effort(self._on_reconnect, what="swap listener on_reconnect")
 
-    async def _handle(self, data: bytes) -> None:
+    async def handle(self, data: bytes) -> None:
         try:
             event = SwapEvent.parse(data)
         except (ValueError, KeyError, TypeError):
@@ -295,7 +207,7 @@ class SwapListener:
                 log.exception("swap listener could not read the registry")
                 record = None
             if record is not None and record.sha256 == event.sha256:
-                await _best_effort(self._prefetch, record, what="swap prefetch")
+                await best_effort(self._prefetch, record, what="swap prefetch")
         if self._on_swap is not None:
-            await _best_effort(self._on_swap, event, what="swap listener on_swap")
+            await best_effort(self._on_swap, event, what="swap listener on_swap")
         self.events_handled += 1

@@ -23,14 +23,11 @@ async def exp_redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await client.aclose()
 
 
-@pytest.fixture(scope="session", params=["aio", "sync"])
+@pytest.fixture(scope="session")
 async def experiments_server(
-    request, redis_url: str, exp_redis
+    redis_url: str, exp_redis
 ) -> AsyncIterator[tuple[Server, ExperimentStore]]:
-    """Every test of the service runs against both server modes (grpc.aio, thread pool)."""
-    settings = ExperimentsSettings(
-        port=0, redis_url=redis_url, shutdown_grace_seconds=1, server_mode=request.param
-    )
+    settings = ExperimentsSettings(port=0, redis_url=redis_url, shutdown_grace_seconds=1)
     redis = connect(redis_url)
     server, store = create_server(settings, redis)
     await server.start()

@@ -172,6 +172,8 @@ async def test_assignment_matches_growthbook_and_is_deterministic(exp_stub, exp_
         assert reply.variant_index == want.variant_index
         assert reply.in_experiment == want.in_experiment
         assert reply.bucket == pytest.approx(want.bucket)
+        # the variant that serves: the control for a unit left out
+        assert reply.variant.name == ("control", "treatment")[max(want.variant_index, 0)]
         again = await exp_stub.Assign(request)
         assert again.variant_index == reply.variant_index
         assert again.sticky == reply.in_experiment
