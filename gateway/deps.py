@@ -67,6 +67,11 @@ class Gateway:
         self._admin_digest = _digest(admin.get_secret_value()) if admin else None
         self._model_info: pb.GetModelInfoResponse | None = None
 
+    @property
+    def exporters(self) -> list[AnalyticsExporter]:
+        """The background senders to start with the app and flush when it stops."""
+        return [e for e in (self.exporter, self.candidates) if e is not None]
+
     async def model_info(self) -> pb.GetModelInfoResponse:
         """The base model's description; it cannot change while inference runs, so the first
         successful answer is kept."""

@@ -31,6 +31,8 @@ class ActiveLearningSettings(ServiceSettings):
     # host:port of the analytics / experiments services; unset: feedback is not forwarded.
     analytics_addr: str | None = None
     experiments_addr: str | None = None
+    # Forwarded feedback is sent in batches at least this often (and on shutdown).
+    feedback_flush_seconds: float = 1.0
     # host:port of the inference service: candidates without an embedding are stored with
     # hashed n-grams, then get the base model's (Embed RPC) in the background; unset, or
     # when that fails, they keep the n-grams.

@@ -2,7 +2,7 @@
 
 create_server() builds a grpc.aio server with the standard health service (NOT_SERVING
 until the caller marks it ready), reflection, and one interceptor that maps domain errors
-to status codes and records Prometheus metrics. run_until_signal() shuts down gracefully.
+to status codes and records Prometheus metrics. services.common.runner runs one until SIGTERM.
 """
 
 from __future__ import annotations
@@ -174,12 +174,17 @@ def start_metrics_endpoint(settings: ServiceSettings) -> None:
         prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
 
 
-async def run_until_signal(server: Server) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight RPCs within the grace period."""
+def stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (handlers installed now, inside the running loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def run_until_signal(server: Server) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight RPCs within the grace period."""
+    await stop_on_signal().wait()
     log.info("shutting down", extra={"grace_seconds": server.settings.shutdown_grace_seconds})
     await server.stop()
