@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
 
-from services.common.errors import ERROR_DOMAIN, LoraplexError
+from services.common.errors import ERROR_DOMAIN, LoraplexError, domain_error
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ def _status_details(err: LoraplexError) -> bytes:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Maps LoraplexError to its status (with ErrorInfo); anything else becomes a generic
-    INTERNAL with the traceback logged, never str(err) sent to the caller."""
+    """Maps LoraplexError to its status (with ErrorInfo), and a Redis outage to UNAVAILABLE
+    (REDIS_UNAVAILABLE) for every service; anything else becomes a generic INTERNAL with the
+    traceback logged, never str(err) sent to the caller."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -73,11 +74,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         _, service, method = handler_call_details.method.split("/")
 
         async def abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
-            if isinstance(err, LoraplexError):
-                trailing = ((GRPC_DETAILS_METADATA_KEY, _status_details(err)),)
-                await context.abort(err.code, err.message, trailing_metadata=trailing)
-            log.exception("unhandled error in %s/%s", service, method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            known = domain_error(err)
+            if known is None:
+                log.exception("unhandled error in %s/%s", service, method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            trailing = ((GRPC_DETAILS_METADATA_KEY, _status_details(known)),)
+            await context.abort(known.code, known.message, trailing_metadata=trailing)
 
         def record(start: float, context: grpc.aio.ServicerContext) -> None:
             code = context.code() or grpc.StatusCode.OK
