@@ -29,7 +29,6 @@ path itself is in services.analytics.ingest.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -54,7 +53,7 @@ from services.analytics.settings import AnalyticsSettings
 from services.analytics.sketch import LatencySketch, bucket_value
 from services.common.errors import InvalidArgument
 from services.common.keys import key
-from services.common.names import check_adapter_name, check_tenant
+from services.common.names import RECORD_ID, check_adapter_name, check_tenant
 
 MINUTE, HOUR = 60, 3600
 RESOLUTIONS = {MINUTE: "m", HOUR: "h"}
@@ -63,7 +62,6 @@ RANK_METRICS = ("success_rate", "p95_latency", "requests", "avg_rating", "tokens
 MAX_TOP_LIMIT = 1000
 MAX_POINTS = 2000
 
-_BATCH_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 EVENTS_ACCEPTED = prometheus_client.Counter(
     "loraplex_analytics_events_accepted_total", "Events counted by RecordBatch."
@@ -587,7 +585,7 @@ class AnalyticsCore:
         return await self.record_columns(batch_id, events_to_columns(events), now=now)
 
     def _check_batch(self, batch_id: str, size: int) -> None:
-        if not _BATCH_ID.fullmatch(batch_id or ""):
+        if not RECORD_ID.fullmatch(batch_id or ""):
             raise InvalidArgument(
                 "batch_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
                 reason="INVALID_BATCH_ID",

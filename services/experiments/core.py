@@ -33,7 +33,7 @@ from services.common.errors import (
     NotFound,
 )
 from services.common.keys import PLATFORM, adapter_index, adapter_versions, key
-from services.common.names import check_adapter_name, check_tenant
+from services.common.names import LOWERCASE_ID, MAX_UNIT_ID, check_adapter_name, check_tenant
 from services.common.paging import decode_page_token, encode_page_token
 from services.experiments import assignment
 from services.experiments.model import (
@@ -50,11 +50,9 @@ from services.experiments.stats import Aggregate
 
 WEIGHT_TOLERANCE = 0.01
 MAX_VARIANTS = 20
-MAX_UNIT_ID = 256
 MAX_OUTCOMES = 1000
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 # One Assign, one round trip. The first assignment of a unit under a bucket version wins
@@ -157,7 +155,7 @@ def outcome_key(tenant: str, exp_key: str, bucket_version: int, metric: str) -> 
 
 
 def check_experiment_key(value: str) -> str:
-    if not _KEY.fullmatch(value or ""):
+    if not LOWERCASE_ID.fullmatch(value or ""):
         raise InvalidArgument(
             f"invalid experiment key {value!r}: use 1-63 lowercase letters, digits, '-' or '_'",
             reason="INVALID_EXPERIMENT_KEY",

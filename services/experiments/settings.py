@@ -4,12 +4,13 @@ from services.common.settings import ServiceSettings
 
 
 class ExperimentsSettings(ServiceSettings):
-    """Defaults in config/ab_testing.yaml (the product spec's name); env vars override."""
+    """Each default written once, here; config/ab_testing.yaml (the product spec's name)
+    overrides it, environment variables (the field name in upper case) override both."""
 
     yaml_name = "ab_testing"
 
     port: int = 50053
-    metrics_port: int = 0
+    metrics_port: int = 9153
     # Where an experiment leaves them unset.
     default_alpha: float = 0.05  # 95% confidence
     default_power: float = 0.8
@@ -21,9 +22,11 @@ class ExperimentsSettings(ServiceSettings):
     # Assign reuses an experiment definition read this recently (0: read it every time).
     # Start/stop/weight changes reach other replicas within this many seconds.
     definition_cache_seconds: float = 1.0
-    # "aio": grpc.aio, like every service. "sync": a thread-pool gRPC server (Assign on the
-    # worker threads, everything else on the event loop): ~30% less CPU per Assign with 4
-    # threads, but every in-flight RPC holds a thread (a slow GetResults delays Assigns).
+    # "aio": grpc.aio, like every service. "sync": a thread-pool gRPC server of sync_threads
+    # (Assign on the worker threads with a blocking Redis connection each, everything else
+    # on the event loop): ~30% less CPU per Assign with 4 threads, more threads cost more,
+    # and every in-flight RPC holds a thread (a slow GetResults delays Assigns). See
+    # docs/experiments.md, Benchmark.
     server_mode: str = "aio"
     sync_threads: int = 4
     # Mixing variance of the mSPRT's normal prior, in units of the metric's variance.
