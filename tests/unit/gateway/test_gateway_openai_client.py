@@ -60,12 +60,12 @@ def serve_gateway(settings: GatewaySettings, redis_url: str) -> Iterator[str]:
 
 
 async def test_openai_client_parses_every_response(
-    inference: FakeInferenceServer, fake: FakeInference, redis_url: str, new_tenant: NewTenant
+    inference: FakeInferenceServer, fake: FakeInference, test_redis_url: str, new_tenant: NewTenant
 ) -> None:
     fake.adapters += [adapter_info("bank", "fraud"), adapter_info("", "summarize", shared=True)]
     api_key = (await new_tenant("bank"))["Authorization"].removeprefix("Bearer ")
 
-    with serve_gateway(gateway_settings(inference.addr), redis_url) as base_url:
+    with serve_gateway(gateway_settings(inference.addr), test_redis_url) as base_url:
 
         def use_the_client() -> dict[str, object]:
             client = openai.OpenAI(api_key=api_key, base_url=f"{base_url}/v1", max_retries=0)
