@@ -12,35 +12,28 @@ from gateway.app import create_app
 from gateway.settings import GatewaySettings
 from services.common.channels import open_channel
 from services.common.logs import setup_logging
-from services.common.redis import EmbeddedRedis, connect
+from services.common.redis import open_redis
 
 log = logging.getLogger("gateway")
 
 
 async def serve(settings: GatewaySettings) -> None:
-    # Closed by the app's lifespan shutdown: LIFO, each step runs even if one before failed.
+    # Unwound by the app's lifespan shutdown: LIFO, each step runs even if one before failed.
     resources = AsyncExitStack()
-    embedded = None
-    if not settings.redis_url:
-        embedded = EmbeddedRedis()
-        resources.callback(embedded.close)
-    redis = connect(settings.redis_url or embedded.url)  # type: ignore[union-attr]
-    resources.push_async_callback(redis.aclose)
-    channel = open_channel(settings.inference_addr)
-    resources.push_async_callback(channel.close)
+    redis = await open_redis(settings.redis_url, resources)
+    channel = await resources.enter_async_context(open_channel(settings.inference_addr))
     optional = {}
     for name in ("analytics", "experiments", "activelearning"):
         addr = getattr(settings, f"{name}_addr")
         if addr:
-            optional[f"{name}_channel"] = open_channel(addr)
-            resources.push_async_callback(optional[f"{name}_channel"].close)
+            optional[f"{name}_channel"] = await resources.enter_async_context(open_channel(addr))
 
     app = create_app(
         settings,
         redis=redis,
         inference_channel=channel,
         **optional,
-        on_shutdown=resources.aclose,
+        resources=resources,
     )
     config = uvicorn.Config(
         app,

@@ -1,7 +1,7 @@
 """The gateway's CandidateExporter: every completion becomes an active-learning candidate,
 sent off the request path (SubmitCandidates, grouped by tenant; candidate ids are
-completion ids, so a retried batch is stored once), on RpcBatchExporter's machinery
-(services/common/analytics_exporter.py).
+completion ids, so a retried batch is stored once), a BatchExporter
+(services/common/batch_exporter.py) whose send is SubmitCandidates.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from loraplex.activelearning.v1 import activelearning_service_pb2 as alpb
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as ipb
-from services.common.analytics_exporter import RpcBatchExporter
+from services.common.batch_exporter import BatchExporter
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,15 @@ def candidate_from_reply(
     )
 
 
-class CandidateExporter(RpcBatchExporter):
+class CandidateExporter(BatchExporter[tuple[str, alpb.Candidate]]):
     """record((tenant, candidate)) never blocks; batches go out as SubmitCandidates."""
 
-    def __init__(self, channel: grpc.aio.Channel, **options: Any) -> None:
-        self._stub_al = alpb_grpc.ActiveLearningServiceStub(channel)
-        super().__init__(channel, self._submit, name="candidates", **options)
+    def __init__(
+        self, channel: grpc.aio.Channel, *, timeout_seconds: float = 5.0, **options: Any
+    ) -> None:
+        self._stub = alpb_grpc.ActiveLearningServiceStub(channel)
+        self._timeout = timeout_seconds
+        super().__init__(self._submit, name="candidates", **options)
 
     def completion(
         self,
@@ -81,13 +84,15 @@ class CandidateExporter(RpcBatchExporter):
         )
         self.record((tenant, candidate))
 
-    async def _submit(self, items: list[tuple[str, alpb.Candidate]]) -> tuple[int, int]:
+    async def _submit(
+        self, items: list[tuple[str, alpb.Candidate]], _batch_id: str
+    ) -> tuple[int, int]:
         by_tenant: dict[str, list[alpb.Candidate]] = defaultdict(list)
         for tenant, candidate in items:
             by_tenant[tenant].append(candidate)
         accepted = rejected = 0
         for tenant, candidates in by_tenant.items():
-            reply = await self._stub_al.SubmitCandidates(
+            reply = await self._stub.SubmitCandidates(
                 alpb.SubmitCandidatesRequest(tenant=tenant, candidates=candidates),
                 timeout=self._timeout,
             )

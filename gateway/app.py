@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import grpc
 import redis.asyncio as aioredis
@@ -33,11 +33,12 @@ def create_app(
     analytics_channel: grpc.aio.Channel | None = None,
     experiments_channel: grpc.aio.Channel | None = None,
     activelearning_channel: grpc.aio.Channel | None = None,
-    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    resources: AsyncExitStack | None = None,
 ) -> FastAPI:
-    """The caller owns `redis` and `inference_channel`; `on_shutdown` (e.g. closing them)
-    runs when the server stops the app. It has to run there, inside the lifespan: uvicorn
-    re-raises a caught SIGTERM once it has stopped, so code after its serve() never runs."""
+    """The caller owns `redis` and the channels. `resources` (e.g. what closes them) is
+    unwound when the server stops the app, after the exporters have flushed. It has to be
+    unwound there, inside the lifespan: uvicorn re-raises a caught SIGTERM once it has
+    stopped (after draining requests), so code after its serve() never runs."""
 
     gateway = Gateway(
         settings,
@@ -50,21 +51,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if gateway.assigner is not None:
-            gateway.assigner.start()
-        if gateway.exporter is not None:
-            gateway.exporter.start()
-        if gateway.candidates is not None:
-            gateway.candidates.start()
-        yield
-        if gateway.candidates is not None:  # flush candidates before channels close
-            await gateway.candidates.close()
-        if gateway.exporter is not None:  # flush usage events before channels close
-            await gateway.exporter.close()
-        if gateway.assigner is not None:  # before the redis client closes
-            await gateway.assigner.close()
-        if on_shutdown is not None:
-            await on_shutdown()
+        # One stack, unwound in reverse: exporters flush before the caller's channels close.
+        async with AsyncExitStack() as stack:
+            if resources is not None:
+                await stack.enter_async_context(resources)
+            if gateway.assigner is not None:  # hears definition changes; before redis closes
+                gateway.assigner.start()
+                stack.push_async_callback(gateway.assigner.close)
+            for exporter in gateway.exporters:
+                exporter.start()
+                stack.push_async_callback(exporter.close)
+            yield
 
     app = FastAPI(
         title="loraplex gateway",

@@ -26,6 +26,7 @@ from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.analytics_exporter import AnalyticsExporter
+from services.common.batch_exporter import BatchExporter
 from services.common.errors import Unauthenticated, Unavailable
 from services.experiments.client import ExperimentsClient
 
@@ -71,6 +72,11 @@ class Gateway:
         admin = settings.admin_key
         self._admin_digest = _digest(admin.get_secret_value()) if admin else None
         self._model_info: pb.GetModelInfoResponse | None = None
+
+    @property
+    def exporters(self) -> list[BatchExporter]:
+        """The background senders to start with the app and flush when it stops."""
+        return [e for e in (self.exporter, self.candidates) if e is not None]
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         """The base model's description; it cannot change while inference runs, so the first

@@ -22,7 +22,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
 from starlette.exceptions import HTTPException
 
-from services.common.errors import ERROR_DOMAIN, LoraplexError
+from services.common.errors import ERROR_DOMAIN, REDIS_OUTAGE, LoraplexError, domain_error
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ _GENERIC_MESSAGE: dict[grpc.StatusCode, str] = {
     _C.DEADLINE_EXCEEDED: "a backend service did not answer in time",
 }
 INTERNAL_MESSAGE = "internal error"
+# An outage (a backend or Redis answering UNAVAILABLE) is worth retrying this much later.
+RETRY_AFTER = {"Retry-After": "1"}
 
 
 def http_status(code: grpc.StatusCode) -> int:
@@ -138,7 +140,18 @@ def rpc_error_response(err: grpc.aio.AioRpcError, path: str = "") -> JSONRespons
         )
         message = _GENERIC_MESSAGE.get(code, INTERNAL_MESSAGE)
     # The gRPC code names the status (FAILED_PRECONDITION and INVALID_ARGUMENT share 400).
-    return error_response(http, message, details, status=code.name)
+    headers = RETRY_AFTER if code == _C.UNAVAILABLE else None
+    return error_response(http, message, details, headers, status=code.name)
+
+
+def domain_error_response(
+    err: LoraplexError, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    # Named by its gRPC code, as the same error met through a service would be.
+    details = [error_info(err.reason, err.metadata)]
+    return error_response(
+        http_status(err.code), err.message, details, headers, status=err.code.name
+    )
 
 
 def _describe(error: dict[str, Any]) -> tuple[str, str]:
@@ -176,9 +189,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_domain_error(_: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, LoraplexError)
-        # Named by its gRPC code, as the same error met through a service would be.
-        details = [error_info(err.reason, err.metadata)]
-        return error_response(http_status(err.code), err.message, details, status=err.code.name)
+        return domain_error_response(err)
+
+    async def on_redis_outage(_: Request, err: Exception) -> JSONResponse:
+        outage = domain_error(err)  # the gateway's own Redis: API keys, tenants
+        assert outage is not None
+        return domain_error_response(outage, RETRY_AFTER)
 
     async def on_validation_error(_: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, RequestValidationError)
@@ -190,5 +206,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     app.add_exception_handler(grpc.aio.AioRpcError, on_rpc_error)
     app.add_exception_handler(LoraplexError, on_domain_error)
+    for outage in REDIS_OUTAGE:
+        app.add_exception_handler(outage, on_redis_outage)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)

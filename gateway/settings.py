@@ -1,4 +1,5 @@
-"""Gateway settings: config/gateway.yaml, overridden by environment variables."""
+"""Gateway settings: each default written once, here; config/gateway.yaml overrides it,
+environment variables (the field name in upper case) override both."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ class GatewaySettings(ServiceSettings):
     admin_key: SecretStr | None = Field(default=None, validation_alias="loraplex_admin_key")
     # Deadline of every gRPC call made on behalf of an HTTP request.
     request_timeout_seconds: float = Field(default=120.0, gt=0)
-    # Deadline of the dependency checks behind /readyz (kept short: probes time out fast).
+    # Deadline of the Redis and inference checks behind /readyz (kept short: probes time
+    # out fast).
     health_timeout_seconds: float = Field(default=2.0, gt=0)
     # How many (tenant, adapter) pairs get Prometheus series of their own; the rest share
     # one "_other" series (bounded cardinality).

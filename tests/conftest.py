@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 
@@ -15,18 +16,32 @@ from services.common.localhost import free_port, start_redis_server
 def redis_url() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="loraplex-test-redis-")
-    proc = start_redis_server(port, workdir)
+    # Database 0 holds the session-wide servers' state; each redis_client gets its own.
+    proc = start_redis_server(port, workdir, "--databases", str(MAX_TEST_DATABASES + 1))
     url = f"redis://127.0.0.1:{port}/0"
     yield url
     proc.terminate()
     proc.wait(timeout=10)
 
 
+MAX_TEST_DATABASES = 4096
+_test_databases = itertools.count(1)
+
+
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    await client.flushdb()
+def test_redis_url(redis_url: str) -> str:
+    """The URL of an empty database of this test's own on the session's Redis: the test
+    sees only its own keys and never touches the session-wide servers' (database 0)."""
+    database = next(_test_databases)
+    assert database <= MAX_TEST_DATABASES, "raise MAX_TEST_DATABASES"
+    return redis_url.rsplit("/", 1)[0] + f"/{database}"
+
+
+@pytest.fixture
+async def redis_client(test_redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(test_redis_url)
     yield client
+    await client.flushdb()  # its own database: frees memory, touches no one else's
     await client.aclose()
 
 

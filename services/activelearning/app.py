@@ -27,7 +27,11 @@ def create_server(
     Redis answers) `await server.set_ready()`."""
     forwarder = None
     if analytics_channel is not None or experiments_channel is not None:
-        forwarder = FeedbackForwarder(analytics_channel, experiments_channel)
+        forwarder = FeedbackForwarder(
+            analytics_channel,
+            experiments_channel,
+            flush_interval_seconds=settings.feedback_flush_seconds,
+        )
     embedder = None
     if inference_channel is not None:
         embedder = ModelEmbedder(

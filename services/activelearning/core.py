@@ -42,14 +42,17 @@ from services.activelearning.scores import (
 from services.activelearning.selection import Strategy, parse_strategy, text_embedding
 from services.activelearning.settings import ActiveLearningSettings
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.names import check_adapter_name, check_tenant
+from services.common.names import (
+    LABEL,
+    MAX_UNIT_ID,
+    RECORD_ID,
+    check_adapter_name,
+    check_tenant,
+)
 
 log = logging.getLogger(__name__)
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _REVIEWER = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-MAX_UNIT_ID = 256
 FEEDBACK_KINDS = ("rating", "thumbs", "pairwise", "corrected_text")
 
 CANDIDATES = prometheus_client.Counter(
@@ -168,7 +171,7 @@ class ActiveLearningCore:
     def _prepare(self, c: CandidateIn) -> StoredCandidate:
         """The candidate scored and ready to store; CandidateError says why not. Without a
         caller's embedding, `embedding` is empty until `_embed_ngrams` fills it."""
-        if c.id and not _ID.fullmatch(c.id):
+        if c.id and not RECORD_ID.fullmatch(c.id):
             raise CandidateError(
                 "id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
                 reason="INVALID_ID",
@@ -188,7 +191,7 @@ class ActiveLearningCore:
         if not 0 <= c.version < 2**32:
             raise CandidateError("version must be in [0, 2^32)", reason="INVALID_VERSION")
         for label in (c.experiment, c.variant):
-            if label and not _LABEL.fullmatch(label):
+            if label and not LABEL.fullmatch(label):
                 raise CandidateError(
                     f"invalid experiment or variant {label!r}", reason="INVALID_LABEL"
                 )
@@ -429,7 +432,7 @@ class ActiveLearningCore:
         check_tenant(tenant)
         check_reviewer(reviewer)
         self._check_feedback(fb)
-        if not _ID.fullmatch(item_id or ""):
+        if not RECORD_ID.fullmatch(item_id or ""):
             raise InvalidArgument("invalid item_id", reason="INVALID_ID")
         item = await self.queue.item(tenant, item_id)
         if item is None:
@@ -485,7 +488,7 @@ class ActiveLearningCore:
         return answer
 
     async def _pairwise_other(self, tenant: str, item: Item, fb: Feedback) -> Item:
-        if not _ID.fullmatch(fb.other_item_id or "") or fb.other_item_id == item.id:
+        if not RECORD_ID.fullmatch(fb.other_item_id or "") or fb.other_item_id == item.id:
             raise InvalidArgument(
                 "pairwise feedback names another item of the same prompt (other_item_id)",
                 reason="INVALID_PAIRWISE",

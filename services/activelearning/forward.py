@@ -1,7 +1,7 @@
 """Feedback -> analytics (quality per adapter/variant) and experiments (outcome metric).
 
 Best effort and off the request path: SubmitFeedback only appends to bounded in-memory
-queues (the gateway's exporters, reused), background tasks send the batches with retries.
+queues (BatchExporters, as the gateway's), background tasks send the batches with retries.
 A slow or missing analytics or experiments service never slows or fails SubmitFeedback.
 
 - analytics: ratings (1-5) as `feedback` events, RecordBatch with a fresh batch id per batch
@@ -23,7 +23,8 @@ from loraplex.common.v1 import common_pb2
 from loraplex.experiments.v1 import experiments_service_pb2 as xpb
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from services.activelearning.queue import Item
-from services.common.analytics_exporter import AnalyticsExporter, RpcBatchExporter
+from services.common.analytics_exporter import AnalyticsExporter
+from services.common.batch_exporter import BatchExporter
 
 _SKIPPED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND}
 
@@ -40,11 +41,11 @@ class FeedbackForwarder:
         self.analytics = (
             AnalyticsExporter(analytics_channel, **options) if analytics_channel else None
         )
-        self.experiments: RpcBatchExporter | None = None
+        self.experiments: BatchExporter[tuple[str, xpb.Outcome]] | None = None
         if experiments_channel is not None:
             self._xstub = xpb_grpc.ExperimentsServiceStub(experiments_channel)
-            self.experiments = RpcBatchExporter(
-                experiments_channel, self._record_outcomes, name="feedback-outcomes", **options
+            self.experiments = BatchExporter(
+                self._record_outcomes, name="feedback-outcomes", **options
             )
 
     def start(self) -> None:
@@ -82,7 +83,9 @@ class FeedbackForwarder:
             )
             self.experiments.record((tenant, outcome))
 
-    async def _record_outcomes(self, items: list[tuple[str, xpb.Outcome]]) -> tuple[int, int]:
+    async def _record_outcomes(
+        self, items: list[tuple[str, xpb.Outcome]], _batch_id: str
+    ) -> tuple[int, int]:
         groups: dict[tuple[str, str, str], list[xpb.Outcome]] = defaultdict(list)
         for tenant, o in items:
             groups[(tenant, o.experiment_key, o.metric)].append(o)

@@ -1,3 +1,7 @@
+"""Active-learning settings: each default written once, here; config/active_learning.yaml
+(the product spec's name) overrides it, environment variables (the field name in upper
+case) override both."""
+
 from __future__ import annotations
 
 from services.common.settings import ServiceSettings
@@ -8,15 +12,22 @@ class ActiveLearningSettings(ServiceSettings):
 
     port: int = 50054
     metrics_port: int = 9154
-    # Method used where a request names none (and for the queue order of auto-queued items).
+    # Uncertainty method where a request names none (and the queue order of auto-queued
+    # items): entropy, max_entropy, least_confidence, margin or nll.
     default_method: str = "entropy"
-    # Every submitted candidate enters the feedback queue at once, by its uncertainty.
+    # Every submitted candidate enters the feedback queue at once, ordered by its
+    # uncertainty under default_method (False: candidates wait in the pool until
+    # SelectUncertain picks them).
     auto_enqueue: bool = True
+    # Reviews an item needs before it closes (each from a different reviewer).
     reviews_per_item: int = 1
+    # A leased item goes back to the queue when its reviewer has not answered within this.
     lease_seconds: float = 600.0
+    # More candidates in one SubmitCandidates: INVALID_ARGUMENT.
     max_batch_candidates: int = 1_000
     # SelectUncertain considers at most this many open candidates (the newest).
     max_select_pool: int = 200_000
+    # Hybrid selection runs k-center greedy among the hybrid_pool_factor * k most uncertain.
     hybrid_pool_factor: int = 10
     # Cosine similarity (of embeddings) at or above which a candidate is a near-duplicate.
     duplicate_threshold: float = 0.9
@@ -24,19 +35,25 @@ class ActiveLearningSettings(ServiceSettings):
     # inference_addr it must be the model's hidden size (loraplex-tiny: 256), else the
     # service falls back to hashed n-grams.
     embedding_dim: int = 256
+    # Longer prompts or outputs are rejected (TEXT_TOO_LONG).
     max_text_chars: int = 32_000
-    # Candidates and their feedback records expire after this long.
+    # Candidates, queue entries and feedback records expire after this long.
     retention_seconds: int = 30 * 24 * 3600
+    # ExportDataset reads at most this many feedback records per call.
     export_max_records: int = 100_000
-    # host:port of the analytics / experiments services; unset: feedback is not forwarded.
+    # host:port of the analytics / experiments services, where feedback is forwarded, best
+    # effort; unset: it is not. `make run` sets both.
     analytics_addr: str | None = None
     experiments_addr: str | None = None
+    # Forwarded feedback is sent in batches at least this often (and on shutdown).
+    feedback_flush_seconds: float = 1.0
     # host:port of the inference service: candidates without an embedding are stored with
     # hashed n-grams, then get the base model's (Embed RPC) in the background; unset, or
     # when that fails, they keep the n-grams.
     inference_addr: str | None = None
     # Off by default: each candidate then costs a forward pass on the model that serves
-    # generation. Worth it where the model runs on a GPU; on CPU it slows serving down.
+    # generation (on a 2-core CPU that slowed completions through the gateway several
+    # times over). Worth it where the model runs on a GPU.
     embed_with_model: bool = False
     # Longest the background embedding of one SubmitCandidates batch waits; after a failure
     # inference is not asked again for embed_retry_seconds. At most embed_backlog_batches

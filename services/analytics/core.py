@@ -29,7 +29,6 @@ path itself is in services.analytics.ingest.
 from __future__ import annotations
 
 import math
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -37,7 +36,6 @@ from dataclasses import dataclass, field
 
 import prometheus_client
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from services.analytics import ingest
 from services.analytics.ingest import (
@@ -53,9 +51,9 @@ from services.analytics.ingest import (
 )
 from services.analytics.settings import AnalyticsSettings
 from services.analytics.sketch import LatencySketch, bucket_value
-from services.common.errors import InvalidArgument, Unavailable
+from services.common.errors import InvalidArgument
 from services.common.keys import key
-from services.common.names import check_adapter_name, check_tenant
+from services.common.names import RECORD_ID, check_adapter_name, check_tenant
 
 MINUTE, HOUR = 60, 3600
 RESOLUTIONS = {MINUTE: "m", HOUR: "h"}
@@ -64,7 +62,6 @@ RANK_METRICS = ("success_rate", "p95_latency", "requests", "avg_rating", "tokens
 MAX_TOP_LIMIT = 1000
 MAX_POINTS = 2000
 
-_BATCH_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 EVENTS_ACCEPTED = prometheus_client.Counter(
     "loraplex_analytics_events_accepted_total", "Events counted by RecordBatch."
@@ -588,7 +585,7 @@ class AnalyticsCore:
         return await self.record_columns(batch_id, events_to_columns(events), now=now)
 
     def _check_batch(self, batch_id: str, size: int) -> None:
-        if not _BATCH_ID.fullmatch(batch_id or ""):
+        if not RECORD_ID.fullmatch(batch_id or ""):
             raise InvalidArgument(
                 "batch_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'",
                 reason="INVALID_BATCH_ID",
@@ -614,20 +611,16 @@ class AnalyticsCore:
         if batch.accepted:
             writes = batch.tenant_writes(batch_id, self._series)
             ttl = self.settings.batch_id_ttl_seconds
-            try:
-                if len(writes) == 1:  # the usual case: no pipeline, one round trip
-                    w = writes[0]
-                    applied = [await self._script(keys=w.keys, args=w.args(ttl))]
-                else:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for w in writes:
-                            await self._script(keys=w.keys, args=w.args(ttl), client=pipe)
-                        applied = await pipe.execute()
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-                raise Unavailable(
-                    "the analytics store is unavailable; retry with the same batch_id",
-                    reason="STORE_UNAVAILABLE",
-                ) from err
+            # A Redis outage is UNAVAILABLE (the shared interceptor): retried under the same
+            # batch id, it is counted once.
+            if len(writes) == 1:  # the usual case: no pipeline, one round trip
+                w = writes[0]
+                applied = [await self._script(keys=w.keys, args=w.args(ttl))]
+            else:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for w in writes:
+                        await self._script(keys=w.keys, args=w.args(ttl), client=pipe)
+                    applied = await pipe.execute()
             fresh = [w.events for w, a in zip(writes, applied, strict=True) if int(a)]
             DUPLICATE_BATCHES.inc(len(applied) - len(fresh))
             EVENTS_ACCEPTED.inc(sum(fresh))
@@ -665,15 +658,10 @@ class AnalyticsCore:
         return Window(first, last_end, resolution)
 
     async def _read(self, pipe_calls: Sequence[tuple[str, str]]) -> list[dict[bytes, bytes]]:
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for _, hkey in pipe_calls:
-                    pipe.hgetall(hkey)
-                return await pipe.execute()
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            raise Unavailable(
-                "the analytics store is unavailable", reason="STORE_UNAVAILABLE"
-            ) from err
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, hkey in pipe_calls:
+                pipe.hgetall(hkey)
+            return await pipe.execute()
 
     async def _bucket_metrics(
         self, tenant: str, adapter: str, window: Window, series: SeriesFilter
@@ -749,16 +737,11 @@ class AnalyticsCore:
         win = self.window(window_seconds, end)
         tag = RESOLUTIONS[win.resolution]
         keys = [key(tenant, "an", tag, b, "rank") for b in win.buckets]
-        try:
-            if metric == "p95_latency":
-                prefixes = [key(tenant, "an", tag, b, "s", "") for b in win.buckets]
-                flat = await self._top_p95(keys=keys, args=[limit, min_requests, *prefixes])
-            else:
-                flat = await self._top(keys=keys, args=[metric, limit, min_requests])
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as err:
-            raise Unavailable(
-                "the analytics store is unavailable", reason="STORE_UNAVAILABLE"
-            ) from err
+        if metric == "p95_latency":
+            prefixes = [key(tenant, "an", tag, b, "s", "") for b in win.buckets]
+            flat = await self._top_p95(keys=keys, args=[limit, min_requests, *prefixes])
+        else:
+            flat = await self._top(keys=keys, args=[metric, limit, min_requests])
         if metric == "p95_latency":  # bins to the values LatencySketch.quantile reports
             values = [bucket_value(flat[i].decode()) for i in range(1, len(flat), 3)]
         else:

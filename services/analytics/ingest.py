@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from services.analytics.settings import AnalyticsSettings
 from services.analytics.sketch import ALPHA, MIN_VALUE, ZERO
 from services.common.errors import InvalidArgument
 from services.common.keys import key
-from services.common.names import check_adapter_name, check_tenant
+from services.common.names import LABEL, check_adapter_name, check_tenant
 
 MINUTE, HOUR = 60, 3600
 # RequestStatus names by proto number; index 0 (UNSPECIFIED) and unknown numbers are "".
@@ -63,7 +62,6 @@ MAX_TOKENS = 2**32
 KIND_NONE, KIND_REQUEST, KIND_FEEDBACK = 0, 1, 2
 KINDS = {"": KIND_NONE, "request": KIND_REQUEST, "feedback": KIND_FEEDBACK}
 
-_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _LOG_GAMMA = math.log((1 + ALPHA) / (1 - ALPHA))
 _ZERO_BIN = -(2**15)  # the zero bucket in the int arrays below
 _BIN_OFFSET = 2**16  # bins (-690 .. +691 up to MAX_LATENCY_SECONDS), zero bucket: >= 0
@@ -139,9 +137,9 @@ def label_reason(
         return "INVALID_ADAPTER_NAME"
     if not 0 <= version < 2**32:
         return "INVALID_VERSION"
-    if experiment and not _LABEL.fullmatch(experiment):
+    if experiment and not LABEL.fullmatch(experiment):
         return "INVALID_EXPERIMENT"
-    if variant and not _LABEL.fullmatch(variant):
+    if variant and not LABEL.fullmatch(variant):
         return "INVALID_VARIANT"
     return None
 

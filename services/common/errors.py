@@ -6,7 +6,13 @@ google.rpc.ErrorInfo detail (AIP-193), and the gateway turns those into HTTP res
 
 from __future__ import annotations
 
+import logging
+import time
+
 import grpc
+import redis.exceptions
+
+log = logging.getLogger(__name__)
 
 ERROR_DOMAIN = "loraplex.dev"
 
@@ -67,3 +73,40 @@ class DataLoss(LoraplexError):
 
     code = grpc.StatusCode.DATA_LOSS
     default_reason = "DATA_LOSS"
+
+
+# A Redis that is down, restarting or too slow: expected in operation, not a bug.
+REDIS_OUTAGE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_OUTAGE_WARNING_SECONDS = 30.0
+
+
+class _OutageLog:
+    """One warning per outage (at most one per 30 s), not a traceback per request."""
+
+    def __init__(self) -> None:
+        self._last = float("-inf")
+        self._since = 0
+
+    def failed(self, err: Exception) -> None:
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last >= _OUTAGE_WARNING_SECONDS:
+            log.warning(
+                "redis unavailable: answering UNAVAILABLE",
+                extra={"error": type(err).__name__, "requests_failed": self._since},
+            )
+            self._last, self._since = now, 0
+
+
+_redis_outages = _OutageLog()
+
+
+def domain_error(err: Exception) -> LoraplexError | None:
+    """The domain error `err` stands for: itself, UNAVAILABLE (REDIS_UNAVAILABLE, which
+    callers may retry) for a Redis outage, or None for anything else (a bug)."""
+    if isinstance(err, LoraplexError):
+        return err
+    if isinstance(err, REDIS_OUTAGE):
+        _redis_outages.failed(err)
+        return Unavailable("the data store is unavailable; retry later", reason="REDIS_UNAVAILABLE")
+    return None

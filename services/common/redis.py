@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -29,3 +30,15 @@ class EmbeddedRedis:
 
 def connect(url: str) -> aioredis.Redis:
     return aioredis.Redis.from_url(url, decode_responses=False)
+
+
+async def open_redis(url: str | None, resources: AsyncExitStack) -> aioredis.Redis:
+    """A client of `url`, else of an embedded server started now; both are released when
+    `resources` unwinds (the client first)."""
+    if not url:
+        embedded = EmbeddedRedis()
+        resources.callback(embedded.close)
+        url = embedded.url
+    client = connect(url)
+    resources.push_async_callback(client.aclose)
+    return client

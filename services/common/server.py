@@ -2,7 +2,7 @@
 
 create_server() builds a grpc.aio server with the standard health service (NOT_SERVING
 until the caller marks it ready), reflection, and one interceptor that maps domain errors
-to status codes and records Prometheus metrics. run_until_signal() shuts down gracefully.
+to status codes and records Prometheus metrics. services.common.runner runs one until SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
 
-from services.common.errors import ERROR_DOMAIN, LoraplexError
+from services.common.errors import ERROR_DOMAIN, LoraplexError, domain_error
 from services.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ def _status_details(err: LoraplexError) -> bytes:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Maps LoraplexError to its status (with ErrorInfo); anything else becomes a generic
-    INTERNAL with the traceback logged, never str(err) sent to the caller."""
+    """Maps LoraplexError to its status (with ErrorInfo), and a Redis outage to UNAVAILABLE
+    (REDIS_UNAVAILABLE) for every service; anything else becomes a generic INTERNAL with the
+    traceback logged, never str(err) sent to the caller."""
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -73,11 +74,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         _, service, method = handler_call_details.method.split("/")
 
         async def abort(context: grpc.aio.ServicerContext, err: Exception) -> None:
-            if isinstance(err, LoraplexError):
-                trailing = ((GRPC_DETAILS_METADATA_KEY, _status_details(err)),)
-                await context.abort(err.code, err.message, trailing_metadata=trailing)
-            log.exception("unhandled error in %s/%s", service, method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            known = domain_error(err)
+            if known is None:
+                log.exception("unhandled error in %s/%s", service, method)
+                await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+            trailing = ((GRPC_DETAILS_METADATA_KEY, _status_details(known)),)
+            await context.abort(known.code, known.message, trailing_metadata=trailing)
 
         def record(start: float, context: grpc.aio.ServicerContext) -> None:
             code = context.code() or grpc.StatusCode.OK
@@ -174,12 +176,17 @@ def start_metrics_endpoint(settings: ServiceSettings) -> None:
         prometheus_client.start_http_server(settings.metrics_port, addr=settings.host)
 
 
-async def run_until_signal(server: Server) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight RPCs within the grace period."""
+def stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM or SIGINT (handlers installed now, inside the running loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop
+
+
+async def run_until_signal(server: Server) -> None:
+    """Serve until SIGTERM/SIGINT, then drain in-flight RPCs within the grace period."""
+    await stop_on_signal().wait()
     log.info("shutting down", extra={"grace_seconds": server.settings.shutdown_grace_seconds})
     await server.stop()

@@ -1,4 +1,6 @@
-"""Typed settings: defaults in config/<service>.yaml, environment variables override them.
+"""Typed settings: each default is written once, in the settings class (with what it
+means); the service's YAML file in config/ overrides it, environment variables override
+both (config/README.md says which service reads which file).
 
 Parsed once in each entry point (never at import time) and passed down explicitly.
 """

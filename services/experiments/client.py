@@ -21,7 +21,6 @@ import asyncio
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.names import check_tenant
+from services.common.names import LOWERCASE_ID, MAX_UNIT_ID, check_tenant
 from services.common.pubsub import ChannelListener
 from services.experiments import assignment
 from services.experiments.keys import (
@@ -44,9 +43,7 @@ from services.experiments.model import Experiment, Status, Variant, from_json
 
 log = logging.getLogger(__name__)
 
-MAX_UNIT_ID = 256
 MAX_CACHED = 10_000
-_KEY = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 # One assignment, one round trip. The first assignment of a unit under a bucket version wins
 # (ARGV[2]: the hash's variant index, -1 when the hash leaves the unit out); later calls
@@ -70,7 +67,7 @@ return {tonumber(v), created}
 
 
 def check_experiment_key(value: str) -> str:
-    if not _KEY.fullmatch(value or ""):
+    if not LOWERCASE_ID.fullmatch(value or ""):
         raise InvalidArgument(
             f"invalid experiment key {value!r}: use 1-63 lowercase letters, digits, '-' or '_'",
             reason="INVALID_EXPERIMENT_KEY",

@@ -4,12 +4,13 @@ from services.common.settings import ServiceSettings
 
 
 class ExperimentsSettings(ServiceSettings):
-    """Defaults in config/ab_testing.yaml (the product spec's name); env vars override."""
+    """Each default written once, here; config/ab_testing.yaml (the product spec's name)
+    overrides it, environment variables (the field name in upper case) override both."""
 
     yaml_name = "ab_testing"
 
     port: int = 50053
-    metrics_port: int = 0
+    metrics_port: int = 9153
     # Where an experiment leaves them unset.
     default_alpha: float = 0.05  # 95% confidence
     default_power: float = 0.8

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import prometheus_client
 import pytest
+import redis.exceptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loraplex.inference.v1 import inference_service_pb2 as pb
@@ -23,6 +26,9 @@ class Failing(pb_grpc.InferenceServiceServicer):
 
     async def CacheStats(self, request, context):
         raise RuntimeError("secret database password is hunter2")
+
+    async def ListAdapters(self, request, context):
+        raise redis.exceptions.ConnectionError("Error 111 connecting to 10.0.0.7:6379")
 
 
 @pytest.fixture
@@ -61,6 +67,19 @@ async def test_unknown_error_is_internal_without_leaking_its_message(server, cap
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "hunter2" not in info.value.details()
     assert "hunter2" in caplog.text  # the traceback is logged for operators
+
+
+async def test_a_redis_outage_is_unavailable_with_one_warning_and_no_traceback(server, caplog):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for _ in range(5):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.ListAdapters(pb.ListAdaptersRequest())
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert error_reason(info.value) == "REDIS_UNAVAILABLE"
+            assert "10.0.0.7" not in info.value.details()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert len([r for r in caplog.records if "redis unavailable" in r.getMessage()]) <= 1
 
 
 async def test_handled_rpcs_are_counted(server):

@@ -1,16 +1,15 @@
-"""The REST workflow through the real gateway app: completions (from a fake inference
-service that reports per-token statistics) become candidates, reviewers lease and answer
-them over /feedback, /active-learning/select picks batches, /feedback/export downloads
-datasets. The active-learning service is the real one (conftest), on real Redis."""
+"""The REST workflow through the real gateway app over the real inference service (its
+model reports per-token statistics): completions become candidates, reviewers lease and
+answer them over /feedback, /active-learning/select picks batches, /feedback/export downloads
+datasets. The active-learning service is the real one (conftest), on real Redis. Each test
+has a tenant of its own, so none depends on another's data or on the order they run in."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -18,52 +17,26 @@ import redis.asyncio as aioredis
 
 from gateway.app import create_app
 from gateway.keys import TenantKeyStore
-from gateway.ops_routes import INFERENCE_SERVICE
-from loraplex.inference.v1 import inference_service_pb2 as ipb
-from loraplex.inference.v1 import inference_service_pb2_grpc as ipb_grpc
 from services.common.channels import open_channel
-from services.common.server import Server, ServiceSpec
-from services.common.settings import ServiceSettings
-from tests.unit.gateway.fake_inference import (
-    BASE_MODEL,
-    FakeInference,
-    adapter_info,
-    assert_error,
-    gateway_settings,
-)
+from tests.helpers import new_tenant, register
+from tests.unit.gateway.fake_inference import assert_error, gateway_settings
 
 pytestmark = pytest.mark.integration
-_ENTROPY = re.compile(r"entropy=([0-9.]+)")
-
-
-class UncertainInference(FakeInference):
-    """The fake's replies plus per-token statistics: a prompt with "entropy=x" gets five
-    tokens of entropy x and log-probability -x/2."""
-
-    async def Generate(self, request: ipb.GenerateRequest, context: Any) -> ipb.GenerateResponse:
-        reply = await super().Generate(request, context)
-        source = request.prompt or request.messages[-1].content
-        match = _ENTROPY.search(source)
-        x = float(match[1]) if match else 0.5
-        reply.token_entropies[:] = [x] * 5
-        reply.token_logprobs[:] = [-x / 2] * 5
-        return reply
 
 
 @pytest.fixture
-async def client(al_servers, redis_client: aioredis.Redis) -> AsyncIterator[httpx.AsyncClient]:
-    fake = UncertainInference()
-    fake.adapters.append(adapter_info("shop", "support"))
-    spec = ServiceSpec(INFERENCE_SERVICE, fake, ipb_grpc.add_InferenceServiceServicer_to_server)
-    inference = Server(ServiceSettings(port=0, shutdown_grace_seconds=0.1), [spec])
-    await inference.start()
-    await inference.set_ready()
+async def client(
+    al_servers, inference, redis_client: aioredis.Redis
+) -> AsyncIterator[httpx.AsyncClient]:
+    server, _ = inference
     channels = [
-        open_channel(f"127.0.0.1:{inference.port}"),
+        open_channel(f"127.0.0.1:{server.port}"),
         open_channel(f"127.0.0.1:{al_servers.activelearning.port}"),
     ]
+    settings = gateway_settings(f"127.0.0.1:{server.port}")
+    settings.request_timeout_seconds = 60  # the real model, on a shared CPU
     app = create_app(
-        gateway_settings(f"127.0.0.1:{inference.port}"),
+        settings,
         redis=redis_client,
         inference_channel=channels[0],
         activelearning_channel=channels[1],
@@ -77,7 +50,12 @@ async def client(al_servers, redis_client: aioredis.Redis) -> AsyncIterator[http
         yield c
     for channel in channels:
         await channel.close()
-    await inference.stop()
+
+
+@pytest.fixture
+async def base_model(inference) -> str:
+    _, core = inference
+    return core.engine.model_id
 
 
 async def tenant_headers(redis_client: aioredis.Redis, tenant: str) -> dict[str, str]:
@@ -87,6 +65,13 @@ async def tenant_headers(redis_client: aioredis.Redis, tenant: str) -> dict[str,
     return {"Authorization": f"Bearer {issued.api_key}"}
 
 
+async def shop_tenant(redis_client: aioredis.Redis, stub) -> tuple[str, dict[str, str]]:
+    """A new tenant with the demo adapter registered as "support"."""
+    tenant = new_tenant()
+    await register(stub, tenant, "retailer", "support")
+    return tenant, await tenant_headers(redis_client, tenant)
+
+
 async def wait_queued(client, headers, n: int) -> None:
     deadline = time.monotonic() + 10
     while (await client.get("/feedback/stats", headers=headers)).json()["queued"] < n:
@@ -94,26 +79,33 @@ async def wait_queued(client, headers, n: int) -> None:
         await asyncio.sleep(0.05)
 
 
-async def complete(client, headers, prompt: str, model: str = "support") -> dict:
-    reply = await client.post(
-        "/v1/completions", headers=headers, json={"model": model, "prompt": prompt, "max_tokens": 8}
-    )
+async def complete(client, headers, prompt: str, model: str = "support") -> str:
+    """The completion's text (greedy: the same on every run)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    reply = await client.post("/v1/completions", headers=headers, json=body)
     assert reply.status_code == 200, reply.text
-    return reply.json()
+    return reply.json()["choices"][0]["text"]
 
 
 async def test_completions_queue_by_uncertainty_and_reviewers_answer_over_rest(
-    client, redis_client
+    client, redis_client, stub, base_model
 ):
-    shop = await tenant_headers(redis_client, "shop")
-    for x in (0.7, 2.5, 1.2):
-        await complete(client, shop, f"Where is order {x}? entropy={x}")
+    _, shop = await shop_tenant(redis_client, stub)
+    prompts = [f"Customer: where is my order {n}?\nAgent:" for n in (17, 2048, 5)]
+    outputs = {p: await complete(client, shop, p) for p in prompts}
     chat = await client.post(
         "/v1/chat/completions",
         headers=shop,
-        json={"model": BASE_MODEL, "messages": [{"role": "user", "content": "Hi entropy=1.9"}]},
+        json={
+            "model": base_model,
+            "messages": [{"role": "user", "content": "Hi, can I change my address?"}],
+            "max_tokens": 8,
+            "temperature": 0,
+        },
     )
     assert chat.status_code == 200, chat.text
+    chat_prompt = "user: Hi, can I change my address?"
+    outputs[chat_prompt] = chat.json()["choices"][0]["message"]["content"]
     await wait_queued(client, shop, 4)
 
     leases = []
@@ -121,16 +113,19 @@ async def test_completions_queue_by_uncertainty_and_reviewers_answer_over_rest(
         reply = await client.get("/feedback/next", params={"reviewer": "rita"}, headers=shop)
         assert reply.status_code == 200, reply.text
         leases.append(reply.json())
-    assert [lease["item"]["scores"]["entropy"] for lease in leases] == pytest.approx(
-        [2.5, 1.9, 1.2, 0.7]
-    )
-    assert [lease["item"]["priority"] for lease in leases] == pytest.approx([2.5, 1.9, 1.2, 0.7])
-    first, chat_item = leases[0]["item"], leases[1]["item"]
-    assert first["prompt"] == "Where is order 2.5? entropy=2.5"
-    assert first["output"] == "echo:Where is order 2.5? entropy=2.5"
-    assert first["adapter"] == {"name": "support", "version": 3}
-    assert chat_item["prompt"] == "user: Hi entropy=1.9"
-    assert chat_item["adapter"]["name"] == BASE_MODEL  # served by the base model
+    items = [lease["item"] for lease in leases]
+    # The queue hands out the most uncertain first: priority is the entropy score.
+    entropies = [item["scores"]["entropy"] for item in items]
+    assert entropies == sorted(entropies, reverse=True) and entropies[0] > 0
+    assert [item["priority"] for item in items] == pytest.approx(entropies)
+    # Each item is what was served: prompt, output, and the adapter that served it.
+    assert {item["prompt"]: item["output"] for item in items} == outputs
+    for item in items:
+        served = item["adapter"]
+        if item["prompt"] == chat_prompt:
+            assert served["name"] == base_model  # served by the base model
+        else:
+            assert served == {"name": "support", "version": 1}
     nothing = await client.get("/feedback/next", params={"reviewer": "rita"}, headers=shop)
     assert nothing.json() == {"item": None}
 
@@ -178,31 +173,29 @@ async def test_completions_queue_by_uncertainty_and_reviewers_answer_over_rest(
         assert reply.headers["content-type"] == "application/x-ndjson"
         exported[fmt] = [json.loads(line) for line in reply.text.splitlines()]
         assert int(reply.headers["x-loraplex-rows"]) == len(exported[fmt])
-    p25, p12 = first["prompt"], leases[2]["item"]["prompt"]
+    first, corrected = items[0], items[2]
     assert exported["sft"] == [
-        {"prompt": p25, "completion": first["output"]},
-        {"prompt": p12, "completion": "Your order ships today."},
+        {"prompt": first["prompt"], "completion": first["output"]},
+        {"prompt": corrected["prompt"], "completion": "Your order ships today."},
     ]
     assert exported["dpo"] == [
         {
-            "prompt": p12,
+            "prompt": corrected["prompt"],
             "chosen": "Your order ships today.",
-            "rejected": leases[2]["item"]["output"],
+            "rejected": corrected["output"],
         }
     ]
     assert [(r["prompt"], r["label"]) for r in exported["kto"]] == [
-        (p25, True),
-        (chat_item["prompt"], False),
-        (p12, True),
-        (p12, False),
-        (leases[3]["item"]["prompt"], False),
+        (first["prompt"], True),
+        (items[1]["prompt"], False),
+        (corrected["prompt"], True),
+        (corrected["prompt"], False),
+        (items[3]["prompt"], False),
     ]
-    only_support = await client.get(
-        "/feedback/export", params={"format": "kto", "adapter": BASE_MODEL}, headers=shop
+    only_base = await client.get(
+        "/feedback/export", params={"format": "kto", "adapter": base_model}, headers=shop
     )
-    assert [json.loads(x)["prompt"] for x in only_support.text.splitlines()] == [
-        chat_item["prompt"]
-    ]
+    assert [json.loads(x)["prompt"] for x in only_base.text.splitlines()] == [chat_prompt]
     future = await client.get(
         "/feedback/export", params={"format": "sft", "since": "2100-01-01T00:00:00Z"}, headers=shop
     )
@@ -212,21 +205,25 @@ async def test_completions_queue_by_uncertainty_and_reviewers_answer_over_rest(
     assert stats["feedback"] == {"rating": 2, "thumbs": 1, "corrected_text": 1}
 
 
-async def test_select_over_rest_and_tenant_isolation(client, redis_client):
-    shop = await tenant_headers(redis_client, "shop")
-    bank = await tenant_headers(redis_client, "bank")
-    for x in (0.3, 1.4, 0.9):
-        await complete(client, shop, f"Refund for item {x}? entropy={x}")
+async def test_select_over_rest_and_tenant_isolation(client, redis_client, stub):
+    _, shop = await shop_tenant(redis_client, stub)
+    bank = await tenant_headers(redis_client, new_tenant())
+    for n in (3, 14, 9):
+        await complete(client, shop, f"Customer: can I get a refund for item {n}?\nAgent:")
     await wait_queued(client, shop, 3)
-    reply = await client.post(
-        "/active-learning/select",
-        headers=shop,
-        json={"method": "nll", "batch_size": 2, "dry_run": True},
-    )
-    assert reply.status_code == 200, reply.text
-    got = reply.json()
+
+    async def select(batch_size: int) -> dict:
+        body = {"method": "nll", "batch_size": batch_size, "dry_run": True}
+        reply = await client.post("/active-learning/select", headers=shop, json=body)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    everything = await select(3)
+    nll = sorted((i["scores"]["nll"] for i in everything["items"]), reverse=True)
+    got = await select(2)
     assert got["method"] == "nll" and got["pool_size"] == 3
-    assert [i["scores"]["nll"] for i in got["items"]] == pytest.approx([0.7, 0.45])
+    # The two most uncertain under nll, most uncertain first.
+    assert [i["scores"]["nll"] for i in got["items"]] == pytest.approx(nll[:2])
     for bad, reason in (
         ({"method": "vibes"}, "UNKNOWN_METHOD"),
         ({"strategy": "lucky"}, "UNKNOWN_STRATEGY"),
@@ -263,7 +260,7 @@ async def test_routes_need_a_key_and_answer_503_without_the_service(client, redi
         redis=redis_client,
         inference_channel=open_channel("127.0.0.1:1"),
     )
-    headers = await tenant_headers(redis_client, "shop")
+    headers = await tenant_headers(redis_client, new_tenant())
     transport = httpx.ASGITransport(app, raise_app_exceptions=False)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as bare:
         reply = await bare.get("/feedback/next", params={"reviewer": "x"}, headers=headers)

@@ -1,5 +1,5 @@
-"""RpcBatchExporter (AnalyticsExporter's machinery with another send) and what the gateway's
-CandidateExporter turns a completion into."""
+"""BatchExporter with a send of its own, and what the gateway's CandidateExporter turns a
+completion into."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from gateway.active_learning_exporter import CandidateExporter, candidate_from_reply, prompt_text
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as ipb
-from services.common.analytics_exporter import RpcBatchExporter
+from services.common.batch_exporter import BatchExporter
 from services.common.channels import open_channel
 from services.common.localhost import free_port
 
@@ -25,11 +25,13 @@ async def channel():
     await ch.close()
 
 
-async def test_batches_are_retried_then_sent_and_bad_ones_dropped(channel):
+async def test_batches_are_retried_then_sent_and_bad_ones_dropped():
     sent: list[list[int]] = []
+    batch_ids: list[str] = []
     failures = {"unavailable": 2}
 
-    async def send(items):
+    async def send(items, batch_id):
+        batch_ids.append(batch_id)
         if failures["unavailable"]:
             failures["unavailable"] -= 1
             raise rpc_error(grpc.StatusCode.UNAVAILABLE)
@@ -38,16 +40,16 @@ async def test_batches_are_retried_then_sent_and_bad_ones_dropped(channel):
         sent.append(list(items))
         return len(items), 0
 
-    exporter = RpcBatchExporter(
-        channel, send, name="test", max_batch=3, flush_interval_seconds=0.01
-    )
+    exporter = BatchExporter(send, name="test", max_batch=3, flush_interval_seconds=0.01)
     exporter.start()
     for i in range(5):
         exporter.record(i)
     await exporter.close()
     assert sent == [[0, 1, 2], [3, 4]] and exporter.dropped == 0
+    # The first batch was tried three times under one id; the second got its own.
+    assert batch_ids[0] == batch_ids[1] == batch_ids[2] != batch_ids[3]
 
-    exporter = RpcBatchExporter(channel, send, name="test", flush_interval_seconds=0.01)
+    exporter = BatchExporter(send, name="test", flush_interval_seconds=0.01)
     exporter.start()
     exporter.record(-1)
     await exporter.close()

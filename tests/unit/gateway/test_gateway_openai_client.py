@@ -6,7 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 
 import openai
 import uvicorn
@@ -33,15 +33,12 @@ def serve_gateway(settings: GatewaySettings, redis_url: str) -> Iterator[str]:
     closed = threading.Event()
 
     async def serve() -> None:
+        resources = AsyncExitStack()
+        resources.callback(closed.set)
         redis = connect(redis_url)
-        channel = open_channel(settings.inference_addr)
-
-        async def close() -> None:
-            await channel.close()
-            await redis.aclose()
-            closed.set()
-
-        app = create_app(settings, redis=redis, inference_channel=channel, on_shutdown=close)
+        resources.push_async_callback(redis.aclose)
+        channel = await resources.enter_async_context(open_channel(settings.inference_addr))
+        app = create_app(settings, redis=redis, inference_channel=channel, resources=resources)
         config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
         servers.append(uvicorn.Server(config))
         await servers[0].serve()
@@ -59,16 +56,16 @@ def serve_gateway(settings: GatewaySettings, redis_url: str) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=10)
-    assert closed.is_set(), "the app's lifespan did not run on_shutdown"
+    assert closed.is_set(), "the app's lifespan did not release its resources"
 
 
 async def test_openai_client_parses_every_response(
-    inference: FakeInferenceServer, fake: FakeInference, redis_url: str, new_tenant: NewTenant
+    inference: FakeInferenceServer, fake: FakeInference, test_redis_url: str, new_tenant: NewTenant
 ) -> None:
     fake.adapters += [adapter_info("bank", "fraud"), adapter_info("", "summarize", shared=True)]
     api_key = (await new_tenant("bank"))["Authorization"].removeprefix("Bearer ")
 
-    with serve_gateway(gateway_settings(inference.addr), redis_url) as base_url:
+    with serve_gateway(gateway_settings(inference.addr), test_redis_url) as base_url:
 
         def use_the_client() -> dict[str, object]:
             client = openai.OpenAI(api_key=api_key, base_url=f"{base_url}/v1", max_retries=0)
