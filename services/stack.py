@@ -1,13 +1,16 @@
 """The local stack: `make run` (python -m services.stack).
 
-Starts Redis (embedded unless REDIS_URL is set), the inference service and the gateway as
+Starts Redis (embedded unless REDIS_URL is set), the gRPC services and the gateway as
 child processes, registers the demo tenants and their adapters through the gateway's admin
-API, prints the URL and keys (also written to .run/keys.env), and stops everything on Ctrl-C.
+API, and stops everything on Ctrl-C. A child that dies once the stack is up is restarted,
+with backoff, while the others keep serving. The keys are written to .run/keys.env (mode
+0600) and printed only to a terminal, never into a log.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import secrets
 import signal
@@ -25,6 +28,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.common.localhost import free_port
 from services.common.redis import EmbeddedRedis
 from services.common.settings import REPO_ROOT
+
+log = logging.getLogger("loraplex.stack")
 
 DEMO_ADAPTERS = REPO_ROOT / "models" / "adapters"
 DEMO_TENANTS = ("retailer", "bank", "airline")
@@ -49,9 +54,11 @@ def read_keys(path: Path) -> dict[str, str]:
 
 
 def write_keys(path: Path, keys: dict[str, str]) -> None:
+    """Only the owner may read the keys, even if the file existed with other permissions."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text("".join(f"export {k}={v}\n" for k, v in keys.items()))
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as out:
+        os.fchmod(out.fileno(), 0o600)
+        out.write("".join(f"export {k}={v}\n" for k, v in keys.items()))
 
 
 def grpc_serving(addr: str) -> bool:
@@ -72,18 +79,69 @@ def http_ready(url: str) -> bool:
         return False
 
 
-def wait_until(ready: Callable[[], bool], what: str, deadline: float, procs) -> None:
+class Child:
+    """One supervised process: restarted when it dies, after a backoff that doubles with
+    each quick death (a crash loop does not spin) and resets once it has run a while."""
+
+    FIRST_BACKOFF = 1.0
+    MAX_BACKOFF = 30.0
+    HEALTHY_AFTER = 60.0  # seconds of running that reset the backoff
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.name, self.command, self.env = name, command, env
+        self.restarts = 0
+        self._backoff = self.FIRST_BACKOFF
+        self._restart_at: float | None = None
+        self.process = self._spawn()
+
+    def _spawn(self) -> subprocess.Popen:
+        self.started_at = time.monotonic()
+        return subprocess.Popen(self.command, env=self.env)
+
+    def check_started(self) -> None:
+        """While the stack starts, a child that dies is a configuration error: stop."""
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with status {self.process.returncode}")
+
+    def supervise(self) -> None:
+        """Once the stack is up: restart the child if it died, when its backoff is over."""
+        if self.process.poll() is None:
+            if time.monotonic() - self.started_at > self.HEALTHY_AFTER:
+                self._backoff = self.FIRST_BACKOFF
+            return
+        now = time.monotonic()
+        if self._restart_at is None:
+            self._restart_at = now + self._backoff
+            log.warning(
+                "%s exited with status %s; restarting in %.0f s",
+                self.name,
+                self.process.returncode,
+                self._backoff,
+            )
+            self._backoff = min(self._backoff * 2, self.MAX_BACKOFF)
+        if now >= self._restart_at:
+            self._restart_at = None
+            self.restarts += 1
+            self.process = self._spawn()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self) -> None:
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def wait_until(ready: Callable[[], bool], what: str, deadline: float, children) -> None:
     while not ready():
-        check_children(procs)
+        for child in children:
+            child.check_started()
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what} did not become ready")
         time.sleep(0.2)
-
-
-def check_children(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[-1]} exited with status {proc.returncode}")
 
 
 def list_models(url: str, key: str) -> httpx.Response:
@@ -153,11 +211,13 @@ def start_on_free_ports(
         "LORAPLEX_ADMIN_KEY": admin_key,
         **(env or {}),
     }
-    log = (run_dir / "stack.log").open("w")
+    log_file = os.fdopen(
+        os.open(run_dir / "stack.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"
+    )
     command = [sys.executable, "-m", "services.stack"]
     if services:
         command += ["--services", ",".join(services)]
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log_file, stderr=log_file)
     keys_file = run_dir / "keys.env"
     deadline = time.monotonic() + timeout
     while "AIRLINE_KEY" not in read_keys(keys_file):
@@ -209,15 +269,17 @@ def main() -> int:
             env.pop(variable, None)
     gateway_port = int(os.environ.get("GATEWAY_PORT", "8080"))
     url = f"http://127.0.0.1:{gateway_port}"
-    procs = [
-        subprocess.Popen(
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    children = [
+        Child(
+            name,
             [sys.executable, "-m", f"services.{name}"],
-            env={**env, "PORT": env[f"{name.upper()}_ADDR"].rsplit(":", 1)[1]},
+            {**env, "PORT": env[f"{name.upper()}_ADDR"].rsplit(":", 1)[1]},
         )
         for name in services
     ]
-    procs.append(
-        subprocess.Popen([sys.executable, "-m", "gateway"], env={**env, "PORT": str(gateway_port)})
+    children.append(
+        Child("gateway", [sys.executable, "-m", "gateway"], {**env, "PORT": str(gateway_port)})
     )
     stop_requested = False
 
@@ -231,34 +293,31 @@ def main() -> int:
         deadline = time.monotonic() + args.ready_timeout
         for name in services:
             addr = env[f"{name.upper()}_ADDR"]
-            wait_until(lambda a=addr: grpc_serving(a), f"{name} at {addr}", deadline, procs)
-        wait_until(lambda: http_ready(url), f"gateway at {url}", deadline, procs)
+            wait_until(lambda a=addr: grpc_serving(a), f"{name} at {addr}", deadline, children)
+        wait_until(lambda: http_ready(url), f"gateway at {url}", deadline, children)
         keys = {} if args.no_demo else seed_demo(url, admin_key, known)
         write_keys(keys_file, {"LORAPLEX_URL": url, "LORAPLEX_ADMIN_KEY": admin_key, **keys})
         print(f"\nloraplex is running at {url}  (Ctrl-C stops it)", flush=True)
-        print(f"  admin key      {admin_key}")
+        # Keys go to a terminal only: stdout redirected to a file would be a log of secrets.
+        show = sys.stdout.isatty()
+        print(f"  admin key      {admin_key if show else '(in the keys file)'}")
         for tenant in () if args.no_demo else DEMO_TENANTS:
-            print(
-                f"  {tenant:<14} key {keys[tenant.upper() + '_KEY']}"
-                f"  adapter {demo_adapter_name(tenant)}"
-            )
-        print(f"  keys saved to  {keys_file}  (source it)\n", flush=True)
+            key = keys[tenant.upper() + "_KEY"] if show else "(in the keys file)"
+            print(f"  {tenant:<14} key {key}  adapter {demo_adapter_name(tenant)}")
+        print(f"  keys saved to  {keys_file}  (mode 0600; source it)\n", flush=True)
         while not stop_requested:
-            check_children(procs)
+            for child in children:
+                child.supervise()
             time.sleep(0.5)
         return 0
     except (RuntimeError, TimeoutError, httpx.HTTPError) as err:
         print(f"loraplex stack failed: {err}", file=sys.stderr)
         return 1
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        for child in children:
+            child.stop()
+        for child in children:
+            child.wait()
         if embedded:
             embedded.close()
 
