@@ -42,6 +42,9 @@ async def serve(settings: GatewaySettings) -> None:
         log_config=None,  # keep the JSON logging set up in main()
         log_level=settings.log_level,
         timeout_graceful_shutdown=int(settings.shutdown_grace_seconds),
+        timeout_keep_alive=int(settings.keep_alive_timeout_seconds),
+        # Headers arrive whole and small, or the connection is dropped (h11's bound).
+        h11_max_incomplete_event_size=64 * 1024,
     )
     log.info(
         "gateway starting",

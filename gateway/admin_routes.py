@@ -13,7 +13,7 @@ from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
 from pydantic import BaseModel
 
 from gateway.deps import Gateway, GatewayDep, require_admin
-from gateway.openai_schemas import UINT32_MAX
+from gateway.fields import UINT32_MAX
 from gateway.protojson import proto_to_json
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 from google.protobuf.duration_pb2 import Duration
 
 from gateway.deps import GatewayDep, TenantDep
+from gateway.fields import INT32_MAX
 from gateway.protojson import proto_to_json
 from loraplex.analytics.v1 import analytics_service_pb2 as apb
 from services.common.errors import InvalidArgument
@@ -56,7 +57,7 @@ async def top_performers(
     metric: Annotated[str, Query(description=", ".join(_METRICS))] = "success_rate",
     limit: Annotated[int, Query(ge=1, le=1000)] = 10,
     window: Window = "1h",
-    min_requests: Annotated[int, Query(ge=0)] = 0,
+    min_requests: Annotated[int, Query(ge=0, le=INT32_MAX)] = 0,
 ) -> dict[str, Any]:
     if metric not in _METRICS:
         raise InvalidArgument(

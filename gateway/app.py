@@ -20,7 +20,7 @@ from gateway import (
     ops_routes,
 )
 from gateway.deps import Gateway
-from gateway.errors import install_error_handlers
+from gateway.errors import document_errors, install_error_handlers
 from gateway.middleware import BodyLimitMiddleware, MetricsMiddleware, UnhandledErrorMiddleware
 from gateway.settings import GatewaySettings
 
@@ -70,6 +70,14 @@ def create_app(
     )
     app.state.gateway = gateway
     install_error_handlers(app)
+    default_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_errors(default_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi
     app.include_router(openai_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(analytics_routes.router)
@@ -83,6 +91,7 @@ def create_app(
         BodyLimitMiddleware,
         limit=settings.max_request_bytes,
         prefix_limits={admin_routes.router.prefix + "/": settings.max_upload_bytes},
+        read_timeout=settings.body_read_timeout_seconds,
     )
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(MetricsMiddleware)

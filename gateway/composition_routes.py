@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.deps import GatewayDep, TenantDep
-from gateway.openai_schemas import UINT32_MAX
+from gateway.fields import UINT32_MAX
 from gateway.protojson import proto_to_json
 from loraplex.inference.v1 import inference_service_pb2 as pb
 

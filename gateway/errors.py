@@ -47,6 +47,7 @@ HTTP_STATUS: dict[grpc.StatusCode, int] = {
 # first gRPC code of each HTTP status above, plus the few statuses only HTTP produces.
 _STATUS_NAME: dict[int, str] = {
     405: "UNIMPLEMENTED",
+    408: "DEADLINE_EXCEEDED",
     413: "INVALID_ARGUMENT",
     415: "INVALID_ARGUMENT",
 }
@@ -210,3 +211,46 @@ def install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(outage, on_redis_outage)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
+
+
+# What any route may answer besides its success, in the one error body: bad input (400,
+# never FastAPI's 422), authentication (401), a slow or large body (408, 413), a rate limit
+# or full queue (429), a crash (500), a backend outage or deadline (503, 504); and what
+# depends on the resource: someone else's or missing (403, 404), a conflict (409).
+DOCUMENTED_ERRORS = (400, 401, 403, 404, 408, 409, 413, 429, 500, 503, 504)
+
+ERROR_BODY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "status", "message", "details"],
+            "properties": {
+                "code": {"type": "integer"},
+                "status": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": "array", "items": {"type": "object"}},
+            },
+        }
+    },
+}
+
+
+def document_errors(openapi: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite FastAPI's OpenAPI document to state the statuses the gateway really returns:
+    every operation lists DOCUMENTED_ERRORS with the error body, and no 422."""
+    schemas = openapi.setdefault("components", {}).setdefault("schemas", {})
+    schemas["ErrorBody"] = ERROR_BODY_SCHEMA
+    for schema in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(schema, None)
+    reference = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for path in openapi.get("paths", {}).values():
+        for operation in path.values():
+            responses = operation.setdefault("responses", {})
+            responses.pop("422", None)
+            for http in DOCUMENTED_ERRORS:
+                responses.setdefault(
+                    str(http), {"description": status_name(http), "content": reference}
+                )
+    return openapi

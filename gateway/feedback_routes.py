@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from gateway.deps import GatewayDep, TenantDep
+from gateway.fields import Identifier, Instant, Int32
 from gateway.protojson import proto_to_json
 from loraplex.activelearning.v1 import activelearning_service_pb2 as alpb
 from services.common.errors import InvalidArgument
@@ -22,21 +23,23 @@ FORMATS = {
     "dpo": alpb.DATASET_FORMAT_DPO,
     "kto": alpb.DATASET_FORMAT_KTO,
 }
-Reviewer = Annotated[str, Query(description="who reviews; an item is never shown twice")]
+Reviewer = Annotated[
+    str, Query(max_length=256, description="who reviews; an item is never shown twice")
+]
 
 
 class Pairwise(BaseModel):
-    other_item_id: str
-    preferred_item_id: str
+    other_item_id: Identifier
+    preferred_item_id: Identifier
 
 
 class FeedbackBody(BaseModel):
     """Exactly one of rating (1-5), thumbs ("up"/"down"), pairwise, corrected_text."""
 
-    item_id: str
-    reviewer: str
-    lease_id: str
-    rating: int | None = None
+    item_id: Identifier
+    reviewer: Identifier
+    lease_id: Identifier
+    rating: Int32 | None = None
     thumbs: Literal["up", "down"] | None = None
     pairwise: Pairwise | None = None
     corrected_text: str | None = None
@@ -105,8 +108,8 @@ async def export(
     gateway: GatewayDep,
     format: Annotated[str, Query(description="sft, dpo or kto")] = "sft",
     adapter: str = "",
-    since: Annotated[datetime | None, Query(description="ISO 8601 or Unix seconds")] = None,
-    until: Annotated[datetime | None, Query(description="ISO 8601 or Unix seconds")] = None,
+    since: Annotated[Instant | None, Query(description="ISO 8601 or Unix seconds")] = None,
+    until: Annotated[Instant | None, Query(description="ISO 8601 or Unix seconds")] = None,
 ) -> Response:
     """JSON Lines that datasets.load_dataset("json", data_files=...) reads."""
     if format not in FORMATS:

@@ -1,11 +1,13 @@
-"""Pure ASGI middleware: HTTP metrics, request body limits, and the last line of defence
-against crashes.
+"""Pure ASGI middleware: HTTP metrics, request body limits (size, read deadline, valid
+text), and the last line of defence against crashes.
 
 Pure ASGI rather than BaseHTTPMiddleware, so nothing buffers or re-wraps responses.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 
@@ -92,16 +94,27 @@ class UnhandledErrorMiddleware:
 
 class BodyLimitMiddleware:
     """Refuses request bodies over a size limit with 413 and the usual error body: at once
-    when Content-Length says so, else as soon as the streamed body passes the limit.
+    when Content-Length says so, else as soon as the streamed body passes the limit. A body
+    that trickles in slower than `read_timeout` per chunk gets 408, so half-sent requests
+    cannot hold connections open. A JSON body whose strings are not valid Unicode (a lone
+    UTF-16 surrogate escape such as "\\ud800") gets 400: no service could encode it.
 
     Not FastAPI's max_body_size: when Content-Length is known, Starlette replaces any 413
     response with its own plain-text one.
     """
 
-    def __init__(self, app: ASGIApp, *, limit: int, prefix_limits: dict[str, int]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: int,
+        prefix_limits: dict[str, int],
+        read_timeout: float = 30.0,
+    ) -> None:
         self.app = app
         self.limit = limit
         self.prefix_limits = prefix_limits  # e.g. {"/admin/": larger limit for uploads}
+        self.read_timeout = read_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,13 +128,48 @@ class BodyLimitMiddleware:
             await error_response(413, too_large)(scope, receive, send)
             return
         received = 0
+        is_json = "json" in Headers(scope=scope).get("content-type", "")
+        chunks: list[bytes] = []
 
         async def receive_limited() -> Message:
             nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > limit:  # FastAPI re-raises HTTPExceptions from body reading
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except TimeoutError:  # FastAPI re-raises HTTPExceptions from body reading
+                raise HTTPException(408, "the request body was not received in time") from None
+            body = message.get("body", b"")
+            received += len(body)
+            if received > limit:
                 raise HTTPException(413, too_large)
+            if is_json:
+                chunks.append(body)
+                if not message.get("more_body", False) and _has_lone_surrogate(b"".join(chunks)):
+                    raise HTTPException(
+                        400, "strings must be valid Unicode: the body has a lone surrogate escape"
+                    )
             return message
 
         await self.app(scope, receive_limited, send)
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    """Whether a JSON body decodes to a string holding a UTF-16 surrogate. Raw UTF-8 cannot
+    carry one, only a \\uD800-\\uDFFF escape can, so bodies without one cost a scan."""
+    if b"\\ud" not in body.lower():
+        return False
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        return False  # not JSON: the route's own parsing says so
+    pending = [parsed]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if any("\ud800" <= c <= "\udfff" for c in value):
+                return True
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False

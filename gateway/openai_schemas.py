@@ -12,15 +12,13 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.fields import INT32_MAX, UINT32_MAX, Float, UInt64
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
 
-UINT32_MAX = 2**32 - 1
-INT32_MAX = 2**31 - 1
 _VERSIONED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]+)$")
 
-Float = Annotated[float, Field(allow_inf_nan=False)]
 # At least 1 here: 0 in the proto means "as many as fit", which only an absent field asks for.
 MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
 
@@ -59,7 +57,7 @@ class CompositionIn(BaseModel):
     density: Float | None = None
     svd_rank: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     majority_sign_method: Literal["total", "frequency"] = "total"
-    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+    seed: UInt64 | None = None
 
     def to_proto(self, base_model_id: str) -> pb.Composition:
         return pb.Composition(
@@ -88,7 +86,7 @@ class GenerationRequest(BaseModel):
     model: str = Field(min_length=1)
     temperature: Float | None = None
     top_p: Float | None = None
-    seed: Annotated[int, Field(ge=0, le=2**64 - 1)] | None = None
+    seed: UInt64 | None = None
     stop: str | list[str] | None = None
     n: int | None = 1
     stream: bool | None = False

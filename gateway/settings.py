@@ -39,3 +39,8 @@ class GatewaySettings(ServiceSettings):
     # Largest request body accepted; adapter uploads under /admin get the larger limit.
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
+    # A request body must arrive at this pace (seconds per chunk) or get 408: half-sent
+    # requests cannot hold connections open.
+    body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Idle keep-alive connections close after this many seconds (uvicorn's default is 5).
+    keep_alive_timeout_seconds: float = Field(default=5.0, gt=0)

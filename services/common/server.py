@@ -52,13 +52,22 @@ class ServiceSpec:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
 
 
+# Error texts often quote what the caller sent; a 7 KB identifier quoted twice would
+# overflow gRPC's 8 KB trailer limit and turn a clear refusal into RESOURCE_EXHAUSTED.
+MAX_ERROR_TEXT = 512
+
+
+def _bounded(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_TEXT else text[: MAX_ERROR_TEXT - 1] + "…"
+
+
 def _status_details(err: LoraplexError) -> bytes:
-    info = error_details_pb2.ErrorInfo(
-        reason=err.reason, domain=ERROR_DOMAIN, metadata=err.metadata
-    )
+    metadata = {k: _bounded(v) for k, v in err.metadata.items()}
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=ERROR_DOMAIN, metadata=metadata)
     detail = any_pb2.Any()
     detail.Pack(info)
-    status = status_pb2.Status(code=err.code.value[0], message=err.message, details=[detail])
+    message = _bounded(err.message)
+    status = status_pb2.Status(code=err.code.value[0], message=message, details=[detail])
     return status.SerializeToString()
 
 
@@ -79,7 +88,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unhandled error in %s/%s", service, method)
                 await context.abort(grpc.StatusCode.INTERNAL, "internal error")
             trailing = ((GRPC_DETAILS_METADATA_KEY, _status_details(known)),)
-            await context.abort(known.code, known.message, trailing_metadata=trailing)
+            await context.abort(known.code, _bounded(known.message), trailing_metadata=trailing)
 
         def record(start: float, context: grpc.aio.ServicerContext) -> None:
             code = context.code() or grpc.StatusCode.OK

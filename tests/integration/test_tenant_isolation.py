@@ -104,3 +104,15 @@ async def test_a_huge_prompt_is_refused_at_once_without_stalling_anyone(stub, ch
     assert len(await stream) > 0
     # Tokenizing 8 MB takes seconds here; the refusal needs none of it (generous bound).
     assert refused_after < 2.0
+
+
+async def test_a_huge_identifier_is_refused_with_its_reason_not_a_transport_error(stub):
+    # The refusal quotes the id; bounded, it still fits gRPC's trailers (else the caller
+    # saw RESOURCE_EXHAUSTED with gRPC's internal text).
+    for request in (
+        generate_request("t" * 7000),
+        generate_request(new_tenant(), "a" * 7000),
+    ):
+        err = await expect_error(stub.Generate(request), grpc.StatusCode.INVALID_ARGUMENT)
+        assert error_reason(err) in {"INVALID_TENANT", "INVALID_ADAPTER_NAME"}
+        assert len(err.details()) <= 512
