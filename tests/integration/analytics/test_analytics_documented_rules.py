@@ -6,20 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.analytics.v1 import analytics_service_pb2 as pb
-from loraplex.common.v1 import common_pb2
 from services import get_analytics
 from services.analytics.library import Event
 from services.common.errors import InvalidArgument
 from services.common.redis import connect
 from tests.helpers import error_reason
+from tests.integration.analytics.test_analytics_service import (
+    HOUR_START,
+    metrics,
+    new_tenant,
+    request_event,
+    ts,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -34,26 +38,9 @@ MAX_BATCH_EVENTS = 10_000
 MAX_BUCKETS = 2_000
 DEFAULT_LIMIT, MAX_LIMIT = 10, 1000
 
-HOUR_START = (int(time.time()) // 3600 - 2) * 3600
 
-
-def tenant() -> str:
-    return f"doc-{uuid.uuid4().hex[:10]}"
-
-
-def ts(seconds: float) -> Timestamp:
-    out = Timestamp()
-    out.FromNanoseconds(int(seconds * 1e9))
-    return out
-
-
-def event(tenant: str, at: float = HOUR_START + 600, adapter: str = "support"):
-    return pb.Event(
-        tenant=tenant,
-        adapter=common_pb2.AdapterRef(name=adapter, version=1),
-        time=ts(at),
-        request=pb.RequestOutcome(status=pb.REQUEST_STATUS_OK, latency_seconds=0.2),
-    )
+def event(tenant: str, at: float = HOUR_START + 600, adapter: str = "support") -> pb.Event:
+    return request_event(tenant, adapter, at=at)
 
 
 @pytest.fixture
@@ -63,20 +50,8 @@ async def redis(redis_url):
     await client.aclose()
 
 
-async def requests_in_the_hour(stub, tenant: str) -> int:
-    reply = await stub.GetAdapterMetrics(
-        pb.GetAdapterMetricsRequest(
-            tenant=tenant,
-            adapter="support",
-            window=Duration(seconds=3600),
-            end_time=ts(HOUR_START + 3600),
-        )
-    )
-    return reply.metrics.requests
-
-
 async def test_a_batch_id_is_remembered_for_24_hours(analytics_stub, redis):
-    t = tenant()
+    t = new_tenant()
     batch = pb.RecordBatchRequest(batch_id="once", events=[event(t)] * 3)
     assert not (await analytics_stub.RecordBatch(batch)).duplicate
     ttl = await redis.ttl(f"lp:{{{t}}}:an:batch:once")
@@ -84,11 +59,11 @@ async def test_a_batch_id_is_remembered_for_24_hours(analytics_stub, redis):
     await asyncio.sleep(2.5)  # a client's retry a few seconds later is still a duplicate
     again = await analytics_stub.RecordBatch(batch)
     assert (again.accepted, again.duplicate) == (3, True)
-    assert await requests_in_the_hour(analytics_stub, t) == 3
+    assert (await metrics(analytics_stub, t)).requests == 3
 
 
 async def test_buckets_expire_at_their_end_plus_the_retention(analytics_stub, redis):
-    t = tenant()
+    t = new_tenant()
     minute = HOUR_START + 600
     await analytics_stub.RecordBatch(
         pb.RecordBatchRequest(batch_id="keep", events=[event(t, minute + 5)])
@@ -104,7 +79,7 @@ async def test_buckets_expire_at_their_end_plus_the_retention(analytics_stub, re
 
 
 async def test_events_older_than_the_hour_retention_are_rejected(analytics_stub):
-    t, now = tenant(), time.time()
+    t, now = new_tenant(), time.time()
     events = [event(t, now - HOUR_RETENTION + 120), event(t, now - HOUR_RETENTION - 120)]
     reply = await analytics_stub.RecordBatch(pb.RecordBatchRequest(batch_id="old", events=events))
     assert reply.accepted == 1
@@ -112,7 +87,7 @@ async def test_events_older_than_the_hour_retention_are_rejected(analytics_stub)
 
 
 async def test_events_up_to_5_minutes_ahead_are_accepted(analytics_stub):
-    t, now = tenant(), time.time()
+    t, now = new_tenant(), time.time()
     events = [event(t, now + MAX_FUTURE_SKEW - 20), event(t, now + MAX_FUTURE_SKEW + 20)]
     reply = await analytics_stub.RecordBatch(pb.RecordBatchRequest(batch_id="soon", events=events))
     assert reply.accepted == 1
@@ -123,7 +98,7 @@ async def test_windows_up_to_3_hours_read_minutes_longer_ones_hours(analytics_st
     async def covered(window: float, end: float):
         reply = await analytics_stub.GetAdapterMetrics(
             pb.GetAdapterMetricsRequest(
-                tenant=tenant(),
+                tenant=new_tenant(),
                 adapter="support",
                 window=Duration(seconds=int(window)),
                 end_time=ts(end),
@@ -144,7 +119,7 @@ async def test_a_window_may_not_exceed_the_retention_nor_2000_buckets(analytics_
     async def timeseries(window: int, resolution=pb.RESOLUTION_UNSPECIFIED):
         return await analytics_stub.GetTimeseries(
             pb.GetTimeseriesRequest(
-                tenant=tenant(),
+                tenant=new_tenant(),
                 adapter="support",
                 window=Duration(seconds=window),
                 end_time=ts(HOUR_START),
@@ -166,7 +141,7 @@ async def test_a_window_may_not_exceed_the_retention_nor_2000_buckets(analytics_
 
 
 async def test_top_adapters_limit_defaults_to_10_and_stops_at_1000(analytics_stub):
-    t = tenant()
+    t = new_tenant()
     events = [event(t, adapter=f"a{i:02d}") for i in range(12)]
     await analytics_stub.RecordBatch(pb.RecordBatchRequest(batch_id="many", events=events))
 
@@ -191,7 +166,7 @@ async def test_top_adapters_limit_defaults_to_10_and_stops_at_1000(analytics_stu
 async def test_a_batch_holds_at_most_10000_events_by_default(redis_url):
     """The default settings (config/analytics.yaml and the settings class; the shared
     test server lowers the limit)."""
-    t = tenant()
+    t = new_tenant()
     one = Event(t, "support", 1, time=HOUR_START + 60, latency_seconds=0.1)
     async with get_analytics(redis_url) as analytics:
         assert (await analytics.record("full", [one] * MAX_BATCH_EVENTS)).accepted == 10_000
