@@ -450,7 +450,8 @@ class AnalyticsCore:
         win = self.window(window_seconds, end)
         tag = RESOLUTIONS[win.resolution]
         keys = [key(tenant, "an", tag, b, "rank") for b in win.buckets]
-        prefixes = [key(tenant, "an", tag, b, "s", "") for b in win.buckets]
+        p95 = metric == "p95_latency"  # only the p95 reads sketches
+        prefixes = [key(tenant, "an", tag, b, "s", "") for b in win.buckets] if p95 else []
         coarse_bins = len(COARSE_EDGES) + 1
         args = [metric, limit, min_requests, len(RANK_STATS), coarse_bins, *prefixes]
         try:
@@ -459,7 +460,7 @@ class AnalyticsCore:
             raise Unavailable(
                 "the analytics store is unavailable", reason="STORE_UNAVAILABLE"
             ) from err
-        if metric == "p95_latency":  # bins to the values LatencySketch.quantile reports
+        if p95:  # bins to the values LatencySketch.quantile reports
             values = [bucket_value(flat[i].decode()) for i in range(1, len(flat), 3)]
         else:
             values = [float(flat[i]) for i in range(1, len(flat), 3)]

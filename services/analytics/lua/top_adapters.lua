@@ -61,7 +61,9 @@ local function offer(a, v, req)
 end
 
 -- Metrics of the rank records' sums: only the leading doubles a metric needs are unpacked.
-local function top_by_sums()
+-- (Both metrics' loops run at the chunk's top level, so the names they use per adapter are
+-- locals of the chunk rather than upvalues of a function.)
+if higher then
   local N, X, Y = {}, {}, {}
   for k = 1, #KEYS do
     local flat = call('HGETALL', KEYS[k])
@@ -128,15 +130,15 @@ end
 -- every adapter left has its p95 in a higher coarse bin, above every p95 read so far, so
 -- it can neither enter nor tie.
 local coarse_fmt = '<' .. string.rep('x', 8 * NR) .. string.rep('d', NC)
-local function coarse_bin(counts)  -- counts[1..NC] -> the coarse bin holding the p95
-  local total = 0
-  for i = 1, NC do total = total + counts[i] end
-  local rank, seen = floor(0.95 * (total - 1)), 0
-  for i = 1, NC do
-    seen = seen + counts[i]
-    if seen > rank then return i end
-  end
-  return NC
+-- The coarse bin (1..NC) that holds the p95 of n requests with these coarse counts: a
+-- tail-recursive walk over the counts as arguments, which allocates nothing.
+local function walk(rank, seen, i, c, ...)
+  seen = seen + c
+  if seen > rank or i == NC then return i end
+  return walk(rank, seen, i + 1, ...)
+end
+local function coarse_bin(n, ...)
+  return walk(floor(0.95 * (n - 1)), 0, 1, ...)
 end
 local ZERO = -1e9
 local function bin_of(f)  -- "<version>|<experiment>|<variant>|<bin>" -> bin
@@ -179,7 +181,7 @@ local function p95_bin(n, total)
     if seen > rank then return bs[i] end
   end
 end
-local function top_by_p95()
+do  -- p95_latency (the other metrics returned above)
   -- N[a]: requests; active[a]: the bucket it has requests in, or a list of them;
   -- R[a]: its rank record while there is one, then its summed coarse counts.
   local N, active, R = {}, {}, {}
@@ -214,9 +216,13 @@ local function top_by_p95()
   for g = 1, NC do groups[g] = {} end
   for a, req in pairs(N) do
     if req >= minreq then
-      local have = R[a]
-      if type(have) == 'string' then have = {sunpack(coarse_fmt, have)} end
-      local list = groups[coarse_bin(have)]
+      local have, g = R[a], nil
+      if type(have) == 'string' then
+        g = coarse_bin(req, sunpack(coarse_fmt, have))
+      else
+        g = coarse_bin(req, unpack(have, 1, NC))
+      end
+      local list = groups[g]
       list[#list + 1] = a
     end
   end
@@ -245,6 +251,3 @@ local function top_by_p95()
   end
   return out
 end
-
-if higher then return top_by_sums() end
-return top_by_p95()
