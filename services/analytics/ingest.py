@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loraplex.analytics.v1 import analytics_service_pb2 as pb
 from services.analytics.settings import AnalyticsSettings
 from services.analytics.sketch import ALPHA, MIN_VALUE, ZERO
 from services.common.errors import InvalidArgument
@@ -38,21 +39,23 @@ from services.common.keys import key
 from services.common.names import LABEL, check_adapter_name, check_tenant
 
 MINUTE, HOUR = 60, 3600
-# RequestStatus names by proto number; index 0 (UNSPECIFIED) and unknown numbers are "".
-STATUS_NAMES = (
-    "",
-    "OK",
-    "CANCELLED",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "UNAVAILABLE",
-    "INTERNAL",
-)
+
+
+def _status_names() -> tuple[str, ...]:
+    """RequestStatus names ("OK", "DEADLINE_EXCEEDED", ...) by proto number; "" for
+    UNSPECIFIED and numbers the contract lacks."""
+    values = pb.RequestStatus.DESCRIPTOR.values
+    names = [""] * (max(v.number for v in values) + 1)
+    for v in values:
+        if v.number != pb.REQUEST_STATUS_UNSPECIFIED:
+            names[v.number] = v.name.removeprefix("REQUEST_STATUS_")
+    return tuple(names)
+
+
+STATUS_NAMES = _status_names()
 STATUS_NUMBERS = {name: i for i, name in enumerate(STATUS_NAMES) if name}
-OK_STATUS = STATUS_NUMBERS["OK"]
+OK_STATUS = pb.REQUEST_STATUS_OK
+ERROR_STATUSES = [i for i, name in enumerate(STATUS_NAMES) if name and i != OK_STATUS]
 # Upper limits that keep every sum (and sum of squares) finite and exact enough: a request
 # longer than this, a rating larger in magnitude, or more tokens, is rejected.
 MAX_LATENCY_SECONDS = 1e6
@@ -71,7 +74,7 @@ _BIN_SPAN = 2**17
 # first token count, rating count; latency sum and sum of squares, ttft sum and sum of
 # squares, rating sum and sum of squares; then the requests per non-OK status.
 STATS = ("n", "ok", "pt", "ct", "tn", "rn", "ls", "ls2", "ts", "ts2", "rs", "rs2")
-COUNTERS = STATS + tuple(f"e.{name}" for name in STATUS_NAMES[2:])
+COUNTERS = STATS + tuple(f"e.{STATUS_NAMES[i]}" for i in ERROR_STATUSES)
 # Rank records, one per adapter (field) in lp:{t}:an:<res>:<start>:rank, all series summed:
 # what TopAdapters ranks by.
 RANK_STATS = ("n", "ok", "ct", "ls", "rn", "rs")
@@ -83,7 +86,7 @@ _RANK_INDEX = [STATS.index(s) for s in RANK_STATS]
 # sketches of adapters that cannot reach the top.
 COARSE_EDGES = tuple(math.ceil(math.log(0.016 * 2**k) / _LOG_GAMMA) for k in range(11))
 RANK_RECORD = len(RANK_STATS) + len(COARSE_EDGES) + 1
-COUNTS = 0  # RECORD_SCRIPT's op for integer fields (n > 0: records of n doubles)
+COUNTS = 0  # lua/record.lua's op for integer fields (n > 0: records of n doubles)
 _SHIFT = 2**32  # unit codes: group * _SHIFT + minute number
 _CHUNK = 2000  # at most this many fields per HMGET/HSET (Lua's unpack() has a limit)
 _CACHE_LIMIT = 100_000
@@ -121,74 +124,121 @@ class Columns:
         return cls(*zip(*rows, strict=True))
 
 
-def label_reason(
-    tenant: str, adapter: str, version: int, experiment: str, variant: str
-) -> str | None:
-    """Why these names cannot be counted (the first reason, in reject_reason's order)."""
+# Why an event is rejected, by code (0: it is not); checked in this order, the first that
+# applies is the reason.
+REASONS = (
+    "",
+    "INVALID_TENANT",
+    "MISSING_ADAPTER",
+    "INVALID_ADAPTER_NAME",
+    "INVALID_VERSION",
+    "INVALID_EXPERIMENT",
+    "INVALID_VARIANT",
+    "NOT_FINITE",
+    "TIMESTAMP_IN_FUTURE",
+    "TIMESTAMP_TOO_OLD",
+    "UNKNOWN_STATUS",
+    "NEGATIVE_LATENCY",
+    "LATENCY_TOO_LARGE",
+    "NEGATIVE_TOKENS",
+    "TOO_MANY_TOKENS",
+    "RATING_OUT_OF_RANGE",
+    "MISSING_KIND",
+)
+_CODE = {name: code for code, name in enumerate(REASONS)}
+# Indexed by status number, clipped: numbers below 0 and past the last name are unknown.
+_KNOWN_STATUS = np.array([bool(name) for name in STATUS_NAMES] + [False])
+
+
+def label_code(tenant: str, adapter: str, version: int, experiment: str, variant: str) -> int:
+    """Why these names cannot be counted (a REASONS code; 0: they can)."""
     try:
         check_tenant(tenant)
     except InvalidArgument:
-        return "INVALID_TENANT"
+        return _CODE["INVALID_TENANT"]
     if not adapter:
-        return "MISSING_ADAPTER"
+        return _CODE["MISSING_ADAPTER"]
     try:
         check_adapter_name(adapter)
     except InvalidArgument:
-        return "INVALID_ADAPTER_NAME"
+        return _CODE["INVALID_ADAPTER_NAME"]
     if not 0 <= version < 2**32:
-        return "INVALID_VERSION"
+        return _CODE["INVALID_VERSION"]
     if experiment and not LABEL.fullmatch(experiment):
-        return "INVALID_EXPERIMENT"
+        return _CODE["INVALID_EXPERIMENT"]
     if variant and not LABEL.fullmatch(variant):
-        return "INVALID_VARIANT"
-    return None
+        return _CODE["INVALID_VARIANT"]
+    return 0
 
 
-def event_reason(
-    label: str | None,
-    has_time: bool,
-    when: float,
-    kind: int,
-    status: int,
-    latency: float,
-    has_ttft: bool,
-    ttft: float,
-    prompt_tokens: int,
-    completion_tokens: int,
-    rating: float,
-    now: float,
-    settings: AnalyticsSettings,
-) -> str | None:
-    """Why one event cannot be counted, or None: the checks in their documented order."""
-    if label:
-        return label
-    if has_time:
-        if not math.isfinite(when):
-            return "NOT_FINITE"
-        if when > now + settings.max_future_skew_seconds:
-            return "TIMESTAMP_IN_FUTURE"
-        if when < now - settings.hour_retention_seconds:
-            return "TIMESTAMP_TOO_OLD"
-    if kind == KIND_REQUEST:
-        if not 0 < status < len(STATUS_NAMES):
-            return "UNKNOWN_STATUS"
-        for value in (latency, ttft) if has_ttft else (latency,):
-            if not math.isfinite(value):
-                return "NOT_FINITE"
-            if value < 0:
-                return "NEGATIVE_LATENCY"
-            if value > MAX_LATENCY_SECONDS:
-                return "LATENCY_TOO_LARGE"
-        if prompt_tokens < 0 or completion_tokens < 0:
-            return "NEGATIVE_TOKENS"
-        if prompt_tokens > MAX_TOKENS or completion_tokens > MAX_TOKENS:
-            return "TOO_MANY_TOKENS"
-        return None
-    if kind == KIND_FEEDBACK:
-        if not math.isfinite(rating):
-            return "NOT_FINITE"
-        return "RATING_OUT_OF_RANGE" if abs(rating) > MAX_ABS_RATING else None
-    return "MISSING_KIND"
+@dataclass(slots=True)
+class _Numbers:
+    """A batch's numeric columns as arrays (time and ttft: NaN where unset)."""
+
+    has_time: np.ndarray
+    time: np.ndarray
+    request: np.ndarray
+    feedback: np.ndarray
+    status: np.ndarray
+    latency: np.ndarray
+    has_ttft: np.ndarray
+    ttft: np.ndarray
+    prompt_tokens: np.ndarray
+    completion_tokens: np.ndarray
+    rating: np.ndarray
+
+    @classmethod
+    def of(cls, cols: Columns) -> _Numbers:
+        kind = np.array(cols.kind, np.int8)
+        return cls(
+            np.array(cols.has_time, bool),
+            np.array(cols.time, np.float64),
+            kind == KIND_REQUEST,
+            kind == KIND_FEEDBACK,
+            np.array(cols.status, np.int64),
+            np.array(cols.latency, np.float64),
+            np.array(cols.has_ttft, bool),
+            np.array(cols.ttft, np.float64),
+            np.array(cols.prompt_tokens, np.int64),
+            np.array(cols.completion_tokens, np.int64),
+            np.array(cols.rating, np.float64),
+        )
+
+
+def reject_codes(
+    label: np.ndarray, x: _Numbers, now: float, settings: AnalyticsSettings
+) -> np.ndarray:
+    """The validator: per event, the REASONS code of the first check it fails (0: none),
+    for the whole batch at once. label: each event's label_code."""
+    has_time, when, latency, ttft = x.has_time, x.time, x.latency, x.ttft
+    pt, ct, rating = x.prompt_tokens, x.completion_tokens, x.rating
+    request, feedback = x.request, x.feedback
+    timed = request & x.has_ttft
+    with np.errstate(invalid="ignore"):
+        checks = (  # (failed, reason), in order
+            (label != 0, None),
+            (has_time & ~np.isfinite(when), "NOT_FINITE"),
+            (has_time & (when > now + settings.max_future_skew_seconds), "TIMESTAMP_IN_FUTURE"),
+            (has_time & (when < now - settings.hour_retention_seconds), "TIMESTAMP_TOO_OLD"),
+            (request & ~np.take(_KNOWN_STATUS, x.status, mode="clip"), "UNKNOWN_STATUS"),
+            (request & ~np.isfinite(latency), "NOT_FINITE"),
+            (request & (latency < 0), "NEGATIVE_LATENCY"),
+            (request & (latency > MAX_LATENCY_SECONDS), "LATENCY_TOO_LARGE"),
+            (timed & ~np.isfinite(ttft), "NOT_FINITE"),
+            (timed & (ttft < 0), "NEGATIVE_LATENCY"),
+            (timed & (ttft > MAX_LATENCY_SECONDS), "LATENCY_TOO_LARGE"),
+            (request & ((pt < 0) | (ct < 0)), "NEGATIVE_TOKENS"),
+            (request & ((pt > MAX_TOKENS) | (ct > MAX_TOKENS)), "TOO_MANY_TOKENS"),
+            (feedback & ~np.isfinite(rating), "NOT_FINITE"),
+            (feedback & (np.abs(rating) > MAX_ABS_RATING), "RATING_OUT_OF_RANGE"),
+            (~(request | feedback), "MISSING_KIND"),
+        )
+    failed = np.stack([f for f, _ in checks])
+    if not failed.any():
+        return np.zeros(len(label), np.int64)
+    first = failed.argmax(axis=0)  # the first failed check (0 also where none failed)
+    codes = np.array([0] + [_CODE[r] for _, r in checks[1:]])[first]
+    return np.where(first == 0, label, codes)
 
 
 def sketch_bins(values: np.ndarray) -> np.ndarray:
@@ -209,7 +259,7 @@ def unpack(raw: bytes) -> tuple[float, ...]:
 
 @dataclass
 class TenantWrite:
-    """One tenant's share of a batch, ready for RECORD_SCRIPT."""
+    """One tenant's share of a batch, ready for lua/record.lua."""
 
     tenant: str
     events: int  # accepted events of this tenant
@@ -237,7 +287,7 @@ class TenantWrite:
 
 class Aggregated:
     """A batch validated and summed per unit = (tenant, adapter, version, experiment,
-    variant, minute): what RECORD_SCRIPT adds to the minute's and the hour's hashes."""
+    variant, minute): what lua/record.lua adds to the minute's and the hour's hashes."""
 
     def __init__(
         self, cols: Columns, now: float, settings: AnalyticsSettings, label_cache: dict
@@ -252,71 +302,26 @@ class Aggregated:
         ids: dict[tuple, int] = {}
         gid = np.fromiter((ids.setdefault(k, len(ids)) for k in names), np.int64, n)
         self.groups = list(ids)
-        label = [label_cache.get(g, False) for g in self.groups]
-        for i, g in enumerate(self.groups):
-            if label[i] is False:
-                label[i] = label_reason(*g)
-                if len(label_cache) < _CACHE_LIMIT:
-                    label_cache[g] = label[i]
-        bad_label = np.fromiter((r is not None for r in label), bool, len(label))
-
-        kind = np.array(cols.kind, np.int8)
-        has_time = np.array(cols.has_time, bool)
-        when = np.where(has_time, np.array(cols.time, np.float64), now)
-        status = np.array(cols.status, np.int64)
-        latency = np.array(cols.latency, np.float64)
-        has_ttft = np.array(cols.has_ttft, bool)
-        ttft = np.where(has_ttft, np.array(cols.ttft, np.float64), 0.0)
-        pt = np.array(cols.prompt_tokens, np.int64)
-        ct = np.array(cols.completion_tokens, np.int64)
-        rating = np.array(cols.rating, np.float64)
-        request = kind == KIND_REQUEST
-        feedback = kind == KIND_FEEDBACK
-        s = settings
-        # Every check at once; NaN fails every comparison, so it is never `fine`.
-        with np.errstate(invalid="ignore"):
-            fine = (
-                ~bad_label[gid]
-                & (when <= now + s.max_future_skew_seconds)
-                & (when >= now - s.hour_retention_seconds)
-                & (
-                    request
-                    & (status > 0)
-                    & (status < len(STATUS_NAMES))
-                    & (latency >= 0)
-                    & (latency <= MAX_LATENCY_SECONDS)
-                    & (ttft >= 0)
-                    & (ttft <= MAX_LATENCY_SECONDS)
-                    & (pt >= 0)
-                    & (pt <= MAX_TOKENS)
-                    & (ct >= 0)
-                    & (ct <= MAX_TOKENS)
-                    | feedback & (np.abs(rating) <= MAX_ABS_RATING)
-                )
-            )
-        # The few that are not get their reason from the scalar checks, in their order.
-        self.rejected: list[tuple[int, str]] = []
-        if not fine.all():
-            for i in np.flatnonzero(~fine).tolist():
-                reason = event_reason(
-                    label[gid[i]],
-                    cols.has_time[i],
-                    cols.time[i],
-                    cols.kind[i],
-                    cols.status[i],
-                    cols.latency[i],
-                    cols.has_ttft[i],
-                    cols.ttft[i],
-                    cols.prompt_tokens[i],
-                    cols.completion_tokens[i],
-                    cols.rating[i],
-                    now,
-                    settings,
-                )
-                if reason is None:  # pragma: no cover - the two checks must agree
-                    raise AssertionError(f"event {i} failed the batch checks but none alone")
-                self.rejected.append((i, reason))
-            keep = np.flatnonzero(fine)
+        label = np.fromiter(
+            (label_cache.get(g, -1) for g in self.groups), np.int64, len(self.groups)
+        )
+        for i in np.flatnonzero(label < 0).tolist():
+            g = self.groups[i]
+            label[i] = code = label_code(*g)
+            if len(label_cache) < _CACHE_LIMIT:
+                label_cache[g] = code
+        x = _Numbers.of(cols)
+        reason = reject_codes(label[gid], x, now, settings)
+        bad = np.flatnonzero(reason)
+        self.rejected: list[tuple[int, str]] = [
+            (i, REASONS[r]) for i, r in zip(bad.tolist(), reason[bad].tolist(), strict=True)
+        ]
+        when = np.where(x.has_time, x.time, now)
+        status, latency, has_ttft, rating = x.status, x.latency, x.has_ttft, x.rating
+        ttft = np.where(has_ttft, x.ttft, 0.0)
+        pt, ct, request, feedback = x.prompt_tokens, x.completion_tokens, x.request, x.feedback
+        if bad.size:
+            keep = np.flatnonzero(reason == 0)
             gid, when, status, latency = gid[keep], when[keep], status[keep], latency[keep]
             has_ttft, ttft, pt, ct = has_ttft[keep], ttft[keep], pt[keep], ct[keep]
             rating, request, feedback = rating[keep], request[keep], feedback[keep]
@@ -356,8 +361,9 @@ class Aggregated:
             counters[:, j] = np.bincount(unit, weights=weights, minlength=m)
         errors = np.flatnonzero(request & ~ok)
         if errors.size:
-            by_code = np.bincount(unit[errors] * 16 + status[errors], minlength=m * 16)
-            counters[:, len(STATS) :] = by_code.reshape(m, 16)[:, 2 : len(STATUS_NAMES)]
+            s = len(STATUS_NAMES)
+            by_code = np.bincount(unit[errors] * s + status[errors], minlength=m * s)
+            counters[:, len(STATS) :] = by_code.reshape(m, s)[:, ERROR_STATUSES]
         self.counters = counters
 
         # Sketch bins: (unit, bin) pairs of requests; bin_range[u]:bin_range[u + 1] are
@@ -468,64 +474,3 @@ class _Payload:
             self.minute_life,
             self.hour_life,
         )
-
-
-# The write of one tenant's part of a batch: all or nothing, and at most once per batch id.
-# KEYS[1]: the batch key. ARGV: the batch key's ttl in seconds; the ops as JSON; the record
-# increments; the tenant's key prefix "lp:{<tenant>}:an"; how long after its start a
-# minute bucket and an hour bucket expire. An op is [op, minute start, key suffix,
-# [field, ...], [increment, ...]]: each increment goes to its field in the hash
-# <prefix>:m:<minute start><suffix> and in the hash <prefix>:h:<its hour's start><suffix>
-# (the roll-up). op COUNTS (0): a field holds an integer and the increment is a number.
-# op n > 0: a field holds a record of n little-endian doubles and the increment is the
-# offset in the record increments of n doubles, added element-wise (a new field simply
-# takes them). The hashes' names are built here rather than passed as KEYS -- packing 400
-# arguments cost the service more than the script's whole JSON -- and all of them carry
-# the tenant's hash tag, as the declared batch key does, so they are in its cluster slot.
-# One HMGET and one HSET per hash: the script runs atomically, so read-add-write is as safe
-# as HINCRBY, and cheaper than one HINCRBY per field. EXPIREAT only when HSET created a
-# field: a hash without a new field existed already, and the only writer of these hashes
-# (this script) gave it its expiry then. Redis writes a Lua number argument as "%.17g", so
-# integers stay integers.
-RECORD_SCRIPT = """
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-local ops, blob, prefix = cjson.decode(ARGV[2]), ARGV[3], ARGV[4]
-local minute_life, hour_life = tonumber(ARGV[5]), tonumber(ARGV[6])
-local call, tonum, rep, sub = redis.call, tonumber, string.rep, string.sub
-local spack, sunpack = struct.pack, struct.unpack
-local formats = {}
-local function fmt(n)
-  local f = formats[n]
-  if not f then f = '<' .. rep('d', n); formats[n] = f end
-  return f
-end
-local function apply(op, h, expire_at, fields, incs)
-  local cur = call('HMGET', h, unpack(fields))
-  local out, j = {}, 0
-  for i = 1, #fields do
-    local old, inc = cur[i], incs[i]
-    out[j + 1] = fields[i]
-    if op == 0 then
-      out[j + 2] = (tonum(old) or 0) + inc
-    elseif not old then
-      out[j + 2] = sub(blob, inc, inc + 8 * op - 1)
-    else
-      local add = {sunpack(fmt(op), blob, inc)}
-      local vals = {sunpack(fmt(#old / 8), old)}
-      vals[#vals] = nil  -- unpack's last result is the next position
-      for k = 1, op do vals[k] = (vals[k] or 0) + add[k] end
-      out[j + 2] = spack(fmt(#vals), unpack(vals))
-    end
-    j = j + 2
-  end
-  if call('HSET', h, unpack(out)) > 0 then call('EXPIREAT', h, expire_at) end
-end
-for k = 1, #ops do
-  local op = ops[k]
-  local start, suffix = op[2], op[3]
-  local hour = start - start % 3600
-  apply(op[1], prefix .. ':m:' .. start .. suffix, start + minute_life, op[4], op[5])
-  apply(op[1], prefix .. ':h:' .. hour .. suffix, hour + hour_life, op[4], op[5])
-end
-return 1
-"""

@@ -6,57 +6,26 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.analytics.v1 import analytics_service_pb2 as pb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as pb_grpc
-from services.analytics.core import HOUR, MINUTE, AnalyticsCore, Event, Metrics, SeriesFilter
+from services.analytics.core import HOUR, MINUTE, AnalyticsCore, Metrics, SeriesFilter
 from services.analytics.ingest import KIND_FEEDBACK, KIND_NONE, KIND_REQUEST, Columns
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AnalyticsService"].full_name
+# RANK_METRIC_SUCCESS_RATE -> "success_rate", ... (the domain's RANK_METRICS)
 _RANK = {
-    pb.RANK_METRIC_SUCCESS_RATE: "success_rate",
-    pb.RANK_METRIC_P95_LATENCY: "p95_latency",
-    pb.RANK_METRIC_REQUESTS: "requests",
-    pb.RANK_METRIC_AVG_RATING: "avg_rating",
-    pb.RANK_METRIC_TOKENS_PER_SECOND: "tokens_per_second",
+    v.number: v.name.removeprefix("RANK_METRIC_").lower()
+    for v in pb.RankMetric.DESCRIPTOR.values
+    if v.number != pb.RANK_METRIC_UNSPECIFIED
 }
 _RESOLUTION = {pb.RESOLUTION_MINUTE: MINUTE, pb.RESOLUTION_HOUR: HOUR}
 _RESOLUTION_PB = {v: k for k, v in _RESOLUTION.items()}
-
-
-# RequestStatus number -> "OK", "DEADLINE_EXCEEDED", ...; UNSPECIFIED and numbers this
-# build lacks map to "" (rejected as UNKNOWN_STATUS).
-_STATUS = {
-    v.number: v.name.removeprefix("REQUEST_STATUS_")
-    for v in pb.RequestStatus.DESCRIPTOR.values
-    if v.number != pb.REQUEST_STATUS_UNSPECIFIED
-}
-
-
-def event_from_proto(e: pb.Event) -> Event:
-    # Positional and without HasField where a default is the same: this runs per event.
-    kind = e.WhichOneof("kind") or ""
-    adapter = e.adapter
-    when = e.time.seconds + e.time.nanos * 1e-9 if e.HasField("time") else None
-    head = (e.tenant, adapter.name, adapter.version, e.experiment, e.variant, when, kind)
-    if kind == "request":
-        r = e.request
-        ttft = r.time_to_first_token_seconds if r.HasField("time_to_first_token_seconds") else None
-        return Event(
-            *head,
-            _STATUS.get(r.status, ""),
-            r.latency_seconds,
-            ttft,
-            r.prompt_tokens,
-            r.completion_tokens,
-        )
-    if kind == "feedback":
-        return Event(*head, rating=e.feedback.rating)
-    return Event(*head)
 
 
 _NAN = float("nan")
 
 
 def columns_from_proto(events) -> Columns:
-    """The batch as columns, in one pass: a few attribute reads per event, no objects."""
+    """The batch as columns, in one pass: a few attribute reads per event, no objects.
+    Statuses stay proto numbers; the validator rejects those the contract lacks."""
     rows = []
     add = rows.append
     for e in events:

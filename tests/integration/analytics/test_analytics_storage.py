@@ -85,21 +85,6 @@ async def test_script_stores_the_per_event_sums_with_roll_up_and_expiry(core):
     assert_same(await stored(core.redis, want), doubled)
 
 
-async def test_counters_written_one_field_per_stat_are_still_read(core):
-    """Hashes written before counters were records (HINCRBY per stat) add up with new."""
-    tenant, at = f"old-{uuid.uuid4().hex[:8]}", (time.time() // 3600 - 2) * 3600 + 60
-    c = f"lp:{{{tenant}}}:an:m:{int(at)}:c:support"
-    for stat, value in (("n", 5), ("ok", 4), ("e.INTERNAL", 1), ("ct", 50)):
-        await core.redis.hincrby(c, f"1||a|{stat}", value)
-    await core.redis.hincrbyfloat(c, "1||a|ls", 2.5)
-    events = [Event(tenant, "support", 1, "", "a", at + 1, latency_seconds=0.5)] * 2
-    await core.record_batch("new", events)
-    m, _ = await core.adapter_metrics(tenant, "support", 3600, end=at + 600)
-    assert (m.requests, m.successes, m.errors_by_code) == (7, 6, {"INTERNAL": 1})
-    assert m.completion_tokens == 50
-    assert m.latency_sum == pytest.approx(3.5)
-
-
 def brute_force(events: list[Event], metric: str, limit: int, min_requests: int):
     by: dict[str, list[Event]] = {}
     for e in events:
@@ -220,8 +205,7 @@ async def test_every_counter_of_a_record_reaches_metrics(core):
 
 async def test_p95_ranking_reads_only_the_sketches_it_needs_and_stays_exact(core):
     """The coarse histograms in the rank records spare most sketch reads when adapters'
-    latencies differ; records without one (earlier builds) are read, and the answer is
-    the same either way."""
+    latencies differ, and the answer stays exact."""
     tenant, at = f"prune-{uuid.uuid4().hex[:8]}", (time.time() // 3600 - 2) * 3600 + 30
     rng = np.random.default_rng(5)
     events = []
@@ -247,29 +231,18 @@ async def test_p95_ranking_reads_only_the_sketches_it_needs_and_stays_exact(core
     assert [(a, n) for a, _, n in got] == [(a, n) for a, _, n in want]
     assert [v for _, v, _ in got] == pytest.approx([v for _, v, _ in want], rel=1e-9)
     assert sketches_read <= 10  # the 6 fast adapters' coarse bins, not 300 sketches
-    # Rank records as an earlier build wrote them (no histogram): every sketch is read.
-    rank_key = f"lp:{{{tenant}}}:an:m:{int(at // 60 * 60)}:rank"
-    for field, raw in (await core.redis.hgetall(rank_key)).items():
-        await core.redis.hset(rank_key, field, raw[: 8 * len(RANK_STATS)])
-    again, sketches_read = await ranked_and_reads()
-    assert again == got
-    assert sketches_read == 300
 
 
-async def test_p95_pruning_with_a_record_from_an_earlier_build_in_the_top(core):
-    """An adapter whose record has no histogram is read first and may sit in the top with a
-    p95 above the coarse bin being read; reading must go on until the top's worst is within
-    the bin read, or a better adapter in the next coarse bin would be missed."""
+async def test_p95_pruning_reads_on_until_the_top_is_full(core):
+    """The best adapter's coarse bin alone does not fill a top of 2: the next coarse bin is
+    read too, and its best adapter completes the top."""
     tenant, at = f"prune2-{uuid.uuid4().hex[:8]}", (time.time() // 3600 - 2) * 3600 + 30
-    latencies = {"fast": 0.02, "legacy": 0.05, "good": 0.04, "slow1": 2.0, "slow2": 3.0}
+    latencies = {"fast": 0.02, "mid": 0.05, "good": 0.04, "slow1": 2.0, "slow2": 3.0}
     events = [
         Event(tenant, name, 1, "", "", at, latency_seconds=latency)
         for name, latency in latencies.items()
         for _ in range(5)
     ]
     await core.record_batch("prune2", events)
-    rank_key = f"lp:{{{tenant}}}:an:m:{int(at // 60 * 60)}:rank"
-    raw = await core.redis.hget(rank_key, "legacy")
-    await core.redis.hset(rank_key, "legacy", raw[: 8 * len(RANK_STATS)])
     got, _ = await core.top_adapters(tenant, "p95_latency", 2, 3600, at + 60)
     assert [r.adapter for r in got] == ["fast", "good"]

@@ -79,7 +79,7 @@ def random_events(seed: int, n: int, tenants: tuple[str, ...] = ("t0", "t1")) ->
 
 
 def applied(batch: Aggregated) -> dict[str, dict[str, object]]:
-    """What RECORD_SCRIPT leaves in an empty Redis, computed from the script's arguments
+    """What lua/record.lua leaves in an empty Redis, computed from the script's arguments
     in Python: hash key -> field -> int, or tuple of floats for a record."""
     out: dict[str, dict[str, object]] = {}
     for write in batch.tenant_writes("b", {}):

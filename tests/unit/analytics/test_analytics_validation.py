@@ -55,6 +55,26 @@ def test_reject_reason(event, reason):
     assert reject_reason(event, NOW, SETTINGS) == reason
 
 
+@pytest.mark.parametrize(
+    ("event", "reason"),
+    [  # docs/analytics.md: latency or ttft over 10^6 s, over 2^32 tokens, |rating| over 10^6
+        (ok(latency_seconds=1e6, ttft_seconds=1e6), None),
+        (ok(latency_seconds=1e6 + 1), "LATENCY_TOO_LARGE"),
+        (ok(ttft_seconds=1e6 + 1), "LATENCY_TOO_LARGE"),
+        (ok(prompt_tokens=2**32, completion_tokens=2**32), None),
+        (ok(prompt_tokens=2**32 + 1), "TOO_MANY_TOKENS"),
+        (ok(kind="feedback", rating=-1e6), None),
+        (ok(kind="feedback", rating=1e6 + 1), "RATING_OUT_OF_RANGE"),
+        (ok(time=NOW + 300), None),  # max_future_skew_seconds: 5 minutes
+        (ok(time=NOW + 301), "TIMESTAMP_IN_FUTURE"),
+        (ok(time=NOW - 30 * 86400), None),  # the hour retention: 30 days
+        (ok(time=NOW - 30 * 86400 - 1), "TIMESTAMP_TOO_OLD"),
+    ],
+)
+def test_the_documented_limits(event, reason):
+    assert reject_reason(event, NOW, AnalyticsSettings()) == reason
+
+
 class _NoRedis:
     """Fails the test if the domain layer reaches Redis."""
 
