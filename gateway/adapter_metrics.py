@@ -1,8 +1,10 @@
 """Per-adapter Prometheus series for a bounded set of adapters.
 
-The first `limit` (tenant, adapter) pairs seen get series of their own; every later pair
-is counted under tenant="_other", adapter="_other", so a tenant with 10,000 adapters cannot
-blow up the metrics' cardinality. Full per-adapter numbers live in the analytics service.
+The first `limit` (tenant, adapter) pairs that served a request get series of their own;
+every later pair is counted under tenant="_other", adapter="_other", so a tenant with
+10,000 adapters cannot blow up the metrics' cardinality. A failure is counted under its
+adapter only if that adapter has served before: the names a client sends are never label
+values until they prove to be real adapters. Full per-adapter numbers live in analytics.
 """
 
 from __future__ import annotations
@@ -32,17 +34,20 @@ class AdapterSeries:
         self._tracked: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def _labels(self, tenant: str, adapter: str) -> tuple[str, str]:
+    def _labels(self, tenant: str, adapter: str, served: bool) -> tuple[str, str]:
         pair = (tenant, adapter)
         with self._lock:
             if pair in self._tracked:
                 return pair
-            if len(self._tracked) < self._limit:
+            if served and len(self._tracked) < self._limit:
                 self._tracked.add(pair)
                 return pair
         return OTHER, OTHER
 
-    def observe(self, tenant: str, adapter: str, code: str, seconds: float) -> None:
-        tenant, adapter = self._labels(tenant, adapter)
+    def observe(
+        self, tenant: str, adapter: str, code: str, seconds: float, served: bool = True
+    ) -> None:
+        """`served`: the adapter answered this request (so it exists)."""
+        tenant, adapter = self._labels(tenant, adapter, served)
         REQUESTS.labels(tenant, adapter, code).inc()
         DURATION.labels(tenant, adapter).observe(seconds)

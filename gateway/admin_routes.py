@@ -10,13 +10,15 @@ from pathlib import PurePosixPath
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from gateway.deps import Gateway, GatewayDep, require_admin
 from gateway.fields import UINT32_MAX
+from gateway.keys import Scope, parse_scope
 from gateway.protojson import proto_to_json
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
+from services.common.keys import PLATFORM
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -88,10 +90,28 @@ async def list_tenants(gateway: GatewayDep) -> dict[str, Any]:
     return {"tenants": [asdict(t) for t in await gateway.keys.list_tenants()]}
 
 
+class NewKey(BaseModel):
+    scope: str = Field(default="tenant", description="tenant, or reviewer (review queue only)")
+
+
 @router.post("/tenants/{tenant}/keys", status_code=201)
-async def create_key(tenant: str, gateway: GatewayDep) -> dict[str, Any]:
+async def create_key(
+    tenant: str, gateway: GatewayDep, body: NewKey | None = None
+) -> dict[str, Any]:
     """A new API key for the tenant. The response is the only place the key is shown."""
-    return asdict(await gateway.keys.create_key(tenant))
+    scope = parse_scope((body or NewKey()).scope)
+    if scope is Scope.METRICS:
+        raise InvalidArgument(
+            "a metrics key belongs to no tenant: POST /admin/metrics-keys",
+            reason="SCOPE_NOT_FOR_TENANT",
+        )
+    return asdict(await gateway.keys.create_key(tenant, scope))
+
+
+@router.post("/metrics-keys", status_code=201)
+async def create_metrics_key(gateway: GatewayDep) -> dict[str, Any]:
+    """A key that may read /metrics and nothing else (for Prometheus)."""
+    return asdict(await gateway.keys.create_key(PLATFORM, Scope.METRICS))
 
 
 @router.get("/tenants/{tenant}/keys")

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
-from gateway.keys import TenantKeyStore
+from gateway.keys import Caller, Scope, TenantKeyStore
 from gateway.settings import GatewaySettings
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
@@ -27,7 +27,7 @@ from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.analytics_exporter import AnalyticsExporter
 from services.common.batch_exporter import BatchExporter
-from services.common.errors import Unauthenticated, Unavailable
+from services.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from services.experiments.client import ExperimentsClient
 
 
@@ -136,20 +136,52 @@ _bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-async def authenticate_tenant(gateway: GatewayDep, credentials: Credentials) -> str:
-    """`Authorization: Bearer <api key>` -> the tenant that owns the key."""
+async def authenticate(
+    request: Request, gateway: GatewayDep, credentials: Credentials, allowed: set[Scope]
+) -> Caller:
+    """`Authorization: Bearer <api key>` -> who the key is, if its scope is allowed here.
+    Who called is kept on the request for the audit log."""
     if credentials is None:
         raise Unauthenticated(
             "missing API key: send the header 'Authorization: Bearer <key>'",
             reason="API_KEY_MISSING",
         )
-    tenant = await gateway.keys.resolve(credentials.credentials)
-    if tenant is None:
+    caller = await gateway.keys.resolve(credentials.credentials)
+    if caller is None:
         raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
-    return tenant
+    if caller.scope not in allowed:
+        raise PermissionDenied(
+            f"a {caller.scope} key cannot call this route", reason="KEY_SCOPE", scope=caller.scope
+        )
+    request.state.actor = f"{caller.scope}:{caller.key_id[:12]}"
+    return caller
 
 
-async def require_admin(gateway: GatewayDep, credentials: Credentials) -> None:
+async def authenticate_tenant(
+    request: Request, gateway: GatewayDep, credentials: Credentials
+) -> str:
+    """The tenant of a key with the tenant scope: the tenant's whole API."""
+    return (await authenticate(request, gateway, credentials, {Scope.TENANT})).tenant
+
+
+async def authenticate_reviewer(
+    request: Request, gateway: GatewayDep, credentials: Credentials
+) -> str:
+    """The tenant of a tenant or reviewer key: the review queue."""
+    allowed = {Scope.TENANT, Scope.REVIEWER}
+    return (await authenticate(request, gateway, credentials, allowed)).tenant
+
+
+async def require_metrics_scope(
+    request: Request, gateway: GatewayDep, credentials: Credentials
+) -> None:
+    """The Prometheus scrape: the admin key or a metrics key (label values name tenants)."""
+    if credentials is not None and gateway.is_admin_key(credentials.credentials):
+        return
+    await authenticate(request, gateway, credentials, {Scope.METRICS})
+
+
+async def require_admin(request: Request, gateway: GatewayDep, credentials: Credentials) -> None:
     """Admin routes accept only the admin key; anything else (tenant keys too) is a 401."""
     if gateway.settings.admin_key is None:
         raise Unauthenticated(
@@ -158,6 +190,8 @@ async def require_admin(gateway: GatewayDep, credentials: Credentials) -> None:
         )
     if credentials is None or not gateway.is_admin_key(credentials.credentials):
         raise Unauthenticated("missing or invalid admin key", reason="ADMIN_KEY_INVALID")
+    request.state.actor = "admin"
 
 
 TenantDep = Annotated[str, Depends(authenticate_tenant)]
+ReviewerDep = Annotated[str, Depends(authenticate_reviewer)]

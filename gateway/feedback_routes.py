@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Response
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
-from gateway.deps import GatewayDep, TenantDep
+from gateway.deps import GatewayDep, ReviewerDep
 from gateway.fields import Identifier, Instant, Int32
 from gateway.protojson import proto_to_json
 from loraplex.activelearning.v1 import activelearning_service_pb2 as alpb
@@ -47,7 +47,7 @@ class FeedbackBody(BaseModel):
 
 
 @router.get("/next")
-async def next_item(tenant: TenantDep, gateway: GatewayDep, reviewer: Reviewer) -> dict[str, Any]:
+async def next_item(tenant: ReviewerDep, gateway: GatewayDep, reviewer: Reviewer) -> dict[str, Any]:
     """Leases the most uncertain queued output to the reviewer; {"item": null} when none."""
     stub = gateway.require_activelearning()
     reply = await stub.NextForFeedback(
@@ -62,7 +62,7 @@ async def next_item(tenant: TenantDep, gateway: GatewayDep, reviewer: Reviewer) 
 
 @router.post("")
 async def submit_feedback(
-    body: FeedbackBody, tenant: TenantDep, gateway: GatewayDep
+    body: FeedbackBody, tenant: ReviewerDep, gateway: GatewayDep
 ) -> dict[str, Any]:
     request = alpb.SubmitFeedbackRequest(
         tenant=tenant,
@@ -104,7 +104,7 @@ def _timestamp(value: datetime | None) -> Timestamp | None:
 
 @router.get("/export")
 async def export(
-    tenant: TenantDep,
+    tenant: ReviewerDep,
     gateway: GatewayDep,
     format: Annotated[str, Query(description="sft, dpo or kto")] = "sft",
     adapter: str = "",
@@ -134,7 +134,7 @@ async def export(
 
 
 @router.get("/stats")
-async def stats(tenant: TenantDep, gateway: GatewayDep) -> dict[str, Any]:
+async def stats(tenant: ReviewerDep, gateway: GatewayDep) -> dict[str, Any]:
     """Pool and queue sizes, feedback counts, Krippendorff's alpha."""
     stub = gateway.require_activelearning()
     reply = await stub.QueueStats(alpb.QueueStatsRequest(tenant=tenant), timeout=gateway.timeout)

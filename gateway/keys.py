@@ -4,6 +4,10 @@ Every key lives under the {_platform} hash tag, so each multi-key write is one M
 script) on one Redis Cluster slot. API keys are stored only as their sha256 digest: a
 Redis dump yields no usable key. An unsalted fast hash is enough because the keys are 256
 random bits, not passwords.
+
+A key has a scope: `tenant` (the tenant's whole API), `reviewer` (the tenant's review
+queue only) or `metrics` (the Prometheus scrape, no tenant). The admin key is not stored
+here: it comes from the environment.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
 import redis.asyncio as aioredis
 
-from services.common.errors import AlreadyExists, NotFound
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.keys import PLATFORM, key
 from services.common.names import check_tenant
 
@@ -26,13 +31,29 @@ _KEY_ID = re.compile(r"^[0-9a-f]{64}$")
 # Deletes a key's index entry only if it belongs to the tenant, so one tenant's admin
 # call can never revoke another tenant's key.
 _REVOKE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local owner = redis.call('GET', KEYS[1])
+if owner and string.sub(owner, -string.len(ARGV[1]) - 1) == ':' .. ARGV[1] then
   redis.call('DEL', KEYS[1])
   redis.call('SREM', KEYS[2], ARGV[2])
   return 1
 end
 return 0
 """
+
+
+class Scope(StrEnum):
+    TENANT = "tenant"
+    REVIEWER = "reviewer"
+    METRICS = "metrics"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a presented key is: its tenant (PLATFORM for a metrics key), scope and id."""
+
+    tenant: str
+    scope: Scope
+    key_id: str
 
 
 @dataclass(frozen=True, order=True)
@@ -46,6 +67,16 @@ class IssuedKey:
     tenant: str
     api_key: str  # shown once; only key_id is stored
     key_id: str  # sha256 hex of api_key
+    scope: Scope = Scope.TENANT
+
+
+def parse_scope(value: str) -> Scope:
+    try:
+        return Scope(value)
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown key scope {value!r}; use one of {', '.join(Scope)}", reason="UNKNOWN_SCOPE"
+        ) from None
 
 
 def key_id(api_key: str) -> str:
@@ -91,25 +122,37 @@ class TenantKeyStore:
                 f"tenant {tenant!r} does not exist", reason="TENANT_NOT_FOUND", tenant=tenant
             )
 
-    async def create_key(self, tenant: str) -> IssuedKey:
-        await self.require_tenant(tenant)
+    async def create_key(self, tenant: str, scope: Scope = Scope.TENANT) -> IssuedKey:
+        """A tenant's key (scope tenant or reviewer), or a metrics key (tenant PLATFORM)."""
+        if scope is Scope.METRICS:
+            if tenant != PLATFORM:
+                raise InvalidArgument(
+                    "a metrics key belongs to no tenant", reason="SCOPE_NOT_FOR_TENANT"
+                )
+        else:
+            await self.require_tenant(tenant)
         api_key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         kid = key_id(api_key)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._index(kid), tenant)
+            pipe.set(self._index(kid), f"{scope}:{tenant}")
             pipe.sadd(self._tenant_keys(tenant), kid)
             await pipe.execute()
-        return IssuedKey(tenant, api_key, kid)
+        return IssuedKey(tenant, api_key, kid, scope)
 
-    async def resolve(self, api_key: str) -> str | None:
-        """The tenant an API key belongs to, or None for an unknown or revoked key."""
+    async def resolve(self, api_key: str) -> Caller | None:
+        """Who an API key is, or None for an unknown or revoked key."""
         if not api_key:
             return None
-        tenant = await self._redis.get(self._index(key_id(api_key)))
-        return _text(tenant) if tenant is not None else None
+        kid = key_id(api_key)
+        value = await self._redis.get(self._index(kid))
+        if value is None:
+            return None
+        scope, _, tenant = _text(value).partition(":")
+        return Caller(tenant, Scope(scope), kid)
 
     async def list_key_ids(self, tenant: str) -> list[str]:
-        await self.require_tenant(tenant)
+        if tenant != PLATFORM:
+            await self.require_tenant(tenant)
         return sorted(_text(k) for k in await self._redis.smembers(self._tenant_keys(tenant)))
 
     async def revoke_key(self, tenant: str, kid: str) -> None:

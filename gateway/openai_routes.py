@@ -103,7 +103,8 @@ class _Call:
         served = served if served.name else common_pb2.AdapterRef(name=self.base_id)
         seconds = time.perf_counter() - self.started
         code = outcome.get("code", grpc.StatusCode.OK).name
-        gateway.adapter_series.observe(tenant, served.name, code, seconds)
+        ok = "code" not in outcome
+        gateway.adapter_series.observe(tenant, served.name, code, seconds, served=ok)
         if gateway.candidates is not None and "reply" in outcome:  # active-learning candidate
             gateway.candidates.completion(
                 tenant, self.request, outcome["reply"], self.route, self.base_id
@@ -116,7 +117,7 @@ class _Call:
         gateway.exporter.record(event)
 
     def record_error(self, err: grpc.aio.AioRpcError) -> None:
-        # Unknown adapter names are not recorded: any string would become a series.
+        # Unknown adapter names are not events: analytics would refuse them anyway.
         if err.code() != grpc.StatusCode.NOT_FOUND:
             self.record(self.route.adapter, code=err.code())
 

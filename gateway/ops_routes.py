@@ -1,5 +1,6 @@
 """Probes and metrics: /healthz (the process answers), /readyz (its dependencies answer),
-/metrics (Prometheus). No authentication: they are for the platform, and reveal no data."""
+/metrics (Prometheus, with the admin key or a metrics-scope key: its labels name tenants and
+adapters). The probes need no key: they reveal nothing but up or down."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ import logging
 
 import grpc
 import prometheus_client
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from grpc_health.v1 import health_pb2
 
-from gateway.deps import Gateway, GatewayDep
+from gateway.deps import Gateway, GatewayDep, require_metrics_scope
 from loraplex.inference.v1 import inference_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ async def readyz(gateway: GatewayDep) -> JSONResponse:
     )
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_metrics_scope)])
 async def metrics() -> Response:
     return Response(
         prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST

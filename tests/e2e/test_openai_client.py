@@ -144,7 +144,9 @@ def test_malformed_json_is_400(stack):
 
 def test_readyz_and_metrics(stack):
     assert httpx.get(f"{stack.url}/readyz").status_code == 200
-    metrics = httpx.get(f"{stack.url}/metrics").text
+    metrics = httpx.get(
+        f"{stack.url}/metrics", headers={"Authorization": f"Bearer {stack.admin_key}"}
+    ).text
     assert "loraplex_http_requests_total" in metrics
     assert 'adapter="retailer-support",code="OK"' in metrics  # per-adapter (bounded) series
 

@@ -36,8 +36,8 @@ async def test_key_resolves_to_its_tenant_only(store: TenantKeyStore) -> None:
     bank = await store.create_key("bank")
     shop = await store.create_key("shop")
     assert bank.api_key.startswith("lpx_") and bank.api_key != shop.api_key
-    assert await store.resolve(bank.api_key) == "bank"
-    assert await store.resolve(shop.api_key) == "shop"
+    assert (await store.resolve(bank.api_key)).tenant == "bank"
+    assert (await store.resolve(shop.api_key)).tenant == "shop"
     assert await store.resolve(bank.api_key + "x") is None
     assert await store.resolve("") is None
 
@@ -64,7 +64,7 @@ async def test_revoked_key_stops_resolving(store: TenantKeyStore) -> None:
     assert await store.list_key_ids("bank") == sorted([issued.key_id, kept.key_id])
     await store.revoke_key("bank", issued.key_id)
     assert await store.resolve(issued.api_key) is None
-    assert await store.resolve(kept.api_key) == "bank"
+    assert (await store.resolve(kept.api_key)).tenant == "bank"
     assert await store.list_key_ids("bank") == [kept.key_id]
     with pytest.raises(NotFound):
         await store.revoke_key("bank", issued.key_id)
@@ -76,4 +76,4 @@ async def test_tenant_cannot_revoke_another_tenants_key(store: TenantKeyStore) -
     bank = await store.create_key("bank")
     with pytest.raises(NotFound):
         await store.revoke_key("shop", bank.key_id)
-    assert await store.resolve(bank.api_key) == "bank"
+    assert (await store.resolve(bank.api_key)).tenant == "bank"

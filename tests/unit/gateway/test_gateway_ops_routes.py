@@ -12,11 +12,15 @@ from gateway.app import create_app
 from services.common.localhost import free_port
 from services.common.redis import connect
 from tests.unit.gateway.fake_inference import (
+    ADMIN_KEY,
     FakeInferenceServer,
     NewTenant,
     assert_error,
     gateway_settings,
 )
+
+# /metrics needs the admin key or a metrics-scope key.
+SCRAPER = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:
@@ -77,10 +81,10 @@ async def test_metrics_count_requests_by_route_template(
 ) -> None:
     await new_tenant("bank")
     labels = {"method": "POST", "route": "/admin/tenants/{tenant}/keys", "status": "201"}
-    before = counter((await client.get("/metrics")).text, **labels)
+    before = counter((await client.get("/metrics", headers=SCRAPER)).text, **labels)
 
     assert (await client.post("/admin/tenants/bank/keys", headers=admin)).status_code == 201
-    after_text = (await client.get("/metrics")).text
+    after_text = (await client.get("/metrics", headers=SCRAPER)).text
 
     assert counter(after_text, **labels) == before + 1
     assert "/admin/tenants/bank/keys" not in after_text  # never the raw path
@@ -89,12 +93,18 @@ async def test_metrics_count_requests_by_route_template(
 
 async def test_unknown_route_is_404_with_error_body(client: httpx.AsyncClient) -> None:
     before = counter(
-        (await client.get("/metrics")).text, method="GET", route="unmatched", status="404"
+        (await client.get("/metrics", headers=SCRAPER)).text,
+        method="GET",
+        route="unmatched",
+        status="404",
     )
     response = await client.get("/v2/nothing-here")
     assert_error(response, 404, "NOT_FOUND")
     after = counter(
-        (await client.get("/metrics")).text, method="GET", route="unmatched", status="404"
+        (await client.get("/metrics", headers=SCRAPER)).text,
+        method="GET",
+        route="unmatched",
+        status="404",
     )
     assert after == before + 1
 
@@ -121,5 +131,5 @@ async def test_crash_is_a_generic_500(
     assert error["message"] == "internal error"
     assert "10.0.0.7" not in response.text
     assert "secret internals" in caplog.text  # the traceback is logged instead
-    metrics = (await client.get("/metrics")).text
+    metrics = (await client.get("/metrics", headers=SCRAPER)).text
     assert counter(metrics, method="GET", route="/v1/models", status="500") >= 1
