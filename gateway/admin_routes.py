@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field
 from gateway.deps import Gateway, GatewayDep, require_admin
 from gateway.fields import UINT32_MAX
 from gateway.keys import Scope, parse_scope
+from gateway.limits import TenantLimits
 from gateway.protojson import proto_to_json
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
@@ -106,6 +107,21 @@ async def create_key(
             reason="SCOPE_NOT_FOR_TENANT",
         )
     return asdict(await gateway.keys.create_key(tenant, scope))
+
+
+@router.get("/tenants/{tenant}/limits")
+async def get_limits(tenant: str, gateway: GatewayDep) -> dict[str, Any]:
+    """The tenant's limits in force (the gateway's defaults where none were set)."""
+    await gateway.keys.require_tenant(tenant)
+    return asdict(await gateway.limits.get(tenant))
+
+
+@router.put("/tenants/{tenant}/limits")
+async def set_limits(tenant: str, limits: TenantLimits, gateway: GatewayDep) -> dict[str, Any]:
+    """Replace the tenant's limits (0: unlimited); every gateway applies them at once."""
+    await gateway.keys.require_tenant(tenant)
+    await gateway.limits.set(tenant, limits)
+    return asdict(limits)
 
 
 @router.post("/metrics-keys", status_code=201)

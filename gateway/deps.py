@@ -6,8 +6,11 @@ through FastAPI dependencies, so nothing here is a module-level global.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import logging
+from dataclasses import replace
 from typing import Annotated
 
 import grpc
@@ -19,6 +22,7 @@ from grpc_health.v1 import health_pb2_grpc
 from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
 from gateway.keys import Caller, Scope, TenantKeyStore
+from gateway.limits import RateLimiter
 from gateway.settings import GatewaySettings
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
@@ -29,6 +33,8 @@ from services.common.analytics_exporter import AnalyticsExporter
 from services.common.batch_exporter import BatchExporter
 from services.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from services.experiments.client import ExperimentsClient
+
+log = logging.getLogger(__name__)
 
 
 class Gateway:
@@ -65,6 +71,8 @@ class Gateway:
         self.assigner = ExperimentsClient(redis) if experiments_channel else None
         self.redis = redis
         self.keys = TenantKeyStore(redis)
+        self.limits = RateLimiter(redis, settings.tenant_limits)
+        self._charges: set[asyncio.Task] = set()
         self.inference = pb_grpc.InferenceServiceStub(inference_channel)
         self.inference_health = health_pb2_grpc.HealthStub(inference_channel)
         # Deadline for every gRPC call made for a request.
@@ -77,6 +85,20 @@ class Gateway:
     def exporters(self) -> list[BatchExporter]:
         """The background senders to start with the app and flush when it stops."""
         return [e for e in (self.exporter, self.candidates) if e is not None]
+
+    def charge_tokens(self, caller: Caller, tokens: int) -> None:
+        """Take what a generation used from its tenant's token budget, off the request path
+        (a failure only loses that charge: the budget is a limit, not a bill)."""
+
+        async def charge() -> None:
+            try:
+                await self.limits.charge(caller.tenant, caller.key_id, tokens)
+            except Exception as err:
+                log.warning("token budget charge lost", extra={"error": repr(err)})
+
+        task = asyncio.get_running_loop().create_task(charge())
+        self._charges.add(task)
+        task.add_done_callback(self._charges.discard)
 
     async def model_info(self) -> pb.GetModelInfoResponse:
         """The base model's description; it cannot change while inference runs, so the first
@@ -154,14 +176,21 @@ async def authenticate(
             f"a {caller.scope} key cannot call this route", reason="KEY_SCOPE", scope=caller.scope
         )
     request.state.actor = f"{caller.scope}:{caller.key_id[:12]}"
-    return caller
+    if caller.scope is Scope.METRICS:
+        return caller
+    ceiling = await gateway.limits.admit(caller.tenant, caller.key_id)
+    return replace(caller, max_tokens_per_request=ceiling)
 
 
-async def authenticate_tenant(
+async def authenticate_caller(
     request: Request, gateway: GatewayDep, credentials: Credentials
-) -> str:
-    """The tenant of a key with the tenant scope: the tenant's whole API."""
-    return (await authenticate(request, gateway, credentials, {Scope.TENANT})).tenant
+) -> Caller:
+    """A key with the tenant scope: the tenant's whole API."""
+    return await authenticate(request, gateway, credentials, {Scope.TENANT})
+
+
+async def authenticate_tenant(caller: Annotated[Caller, Depends(authenticate_caller)]) -> str:
+    return caller.tenant
 
 
 async def authenticate_reviewer(
@@ -194,4 +223,5 @@ async def require_admin(request: Request, gateway: GatewayDep, credentials: Cred
 
 
 TenantDep = Annotated[str, Depends(authenticate_tenant)]
+CallerDep = Annotated[Caller, Depends(authenticate_caller)]
 ReviewerDep = Annotated[str, Depends(authenticate_reviewer)]

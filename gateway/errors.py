@@ -150,6 +150,8 @@ def domain_error_response(
 ) -> JSONResponse:
     # Named by its gRPC code, as the same error met through a service would be.
     details = [error_info(err.reason, err.metadata)]
+    if "retry_after_seconds" in err.metadata:  # a rate limit says when to come back
+        headers = (headers or {}) | {"Retry-After": err.metadata["retry_after_seconds"]}
     return error_response(
         http_status(err.code), err.message, details, headers, status=err.code.name
     )

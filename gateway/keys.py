@@ -49,11 +49,13 @@ class Scope(StrEnum):
 
 @dataclass(frozen=True)
 class Caller:
-    """Who a presented key is: its tenant (PLATFORM for a metrics key), scope and id."""
+    """Who a presented key is: its tenant (PLATFORM for a metrics key), scope and id; and,
+    once admitted, the tenant's ceiling on max_tokens per request (0: none of its own)."""
 
     tenant: str
     scope: Scope
     key_id: str
+    max_tokens_per_request: int = 0
 
 
 @dataclass(frozen=True, order=True)

@@ -17,7 +17,8 @@ import grpc
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gateway.deps import Gateway, GatewayDep, TenantDep
+from gateway.deps import CallerDep, Gateway, GatewayDep, TenantDep
+from gateway.keys import Caller
 from gateway.openai_schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -91,20 +92,27 @@ class _Call:
     """One generation request on its way to the inference service, and its bookkeeping."""
 
     gateway: Gateway
-    tenant: str
+    caller: Caller
     request: pb.GenerateRequest
     route: Route
     base_id: str
     started: float
 
+    @property
+    def tenant(self) -> str:
+        return self.caller.tenant
+
     def record(self, served: common_pb2.AdapterRef, **outcome: Any) -> None:
-        """Account for the request's outcome: Prometheus series and the analytics event."""
+        """Account for the request's outcome: Prometheus series, the tenant's token budget
+        and the analytics event."""
         gateway, tenant = self.gateway, self.tenant
         served = served if served.name else common_pb2.AdapterRef(name=self.base_id)
         seconds = time.perf_counter() - self.started
         code = outcome.get("code", grpc.StatusCode.OK).name
         ok = "code" not in outcome
         gateway.adapter_series.observe(tenant, served.name, code, seconds, served=ok)
+        if "reply" in outcome:
+            gateway.charge_tokens(self.caller, outcome["reply"].usage.total_tokens)
         if gateway.candidates is not None and "reply" in outcome:  # active-learning candidate
             gateway.candidates.completion(
                 tenant, self.request, outcome["reply"], self.route, self.base_id
@@ -124,7 +132,7 @@ class _Call:
 
 async def _start(
     gateway: Gateway,
-    tenant: str,
+    caller: Caller,
     body: GenerationRequest,
     max_tokens: int,
     request_id: str,
@@ -132,6 +140,14 @@ async def _start(
     prompt: str = "",
     messages: Sequence[pb.ChatMessage] = (),
 ) -> _Call:
+    ceiling, tenant = caller.max_tokens_per_request, caller.tenant
+    if ceiling and max_tokens > ceiling:
+        raise InvalidArgument(
+            f"max_tokens is {max_tokens}; this tenant may ask for at most {ceiling}",
+            reason="MAX_TOKENS_OVER_LIMIT",
+            limit=str(ceiling),
+        )
+    max_tokens = max_tokens or ceiling  # 0 asks for as many as fit: no more than allowed
     info = await gateway.model_info()
     route = await _route(gateway, tenant, body, info.model_id)
     request = pb.GenerateRequest(
@@ -143,7 +159,7 @@ async def _start(
         params=body.sampling_params(max_tokens),
         request_id=request_id,
     )
-    return _Call(gateway, tenant, request, route, info.model_id, time.perf_counter())
+    return _Call(gateway, caller, request, route, info.model_id, time.perf_counter())
 
 
 async def _generate(call: _Call) -> pb.GenerateResponse:
@@ -250,11 +266,11 @@ def _final_chunks(
 
 @router.post("/completions", response_model=None)
 async def create_completion(
-    body: CompletionRequest, tenant: TenantDep, gateway: GatewayDep
+    body: CompletionRequest, caller: CallerDep, gateway: GatewayDep
 ) -> JSONResponse | StreamingResponse:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_tokens if body.max_tokens is not None else body.DEFAULT_MAX_TOKENS
-    call = await _start(gateway, tenant, body, max_tokens, request_id, prompt=body.prompt)
+    call = await _start(gateway, caller, body, max_tokens, request_id, prompt=body.prompt)
     head = _header(request_id, "text_completion", body)
 
     def choice(text: str, finish_reason: str | None) -> dict[str, Any]:
@@ -275,7 +291,7 @@ async def create_completion(
 
 @router.post("/chat/completions", response_model=None)
 async def create_chat_completion(
-    body: ChatCompletionRequest, tenant: TenantDep, gateway: GatewayDep
+    body: ChatCompletionRequest, caller: CallerDep, gateway: GatewayDep
 ) -> JSONResponse | StreamingResponse:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_completion_tokens
@@ -284,7 +300,7 @@ async def create_chat_completion(
     if max_tokens is None:  # OpenAI's chat default: 0 asks for as many tokens as fit
         max_tokens = 0
     messages = [m.to_proto() for m in body.messages]
-    call = await _start(gateway, tenant, body, max_tokens, request_id, messages=messages)
+    call = await _start(gateway, caller, body, max_tokens, request_id, messages=messages)
     if body.stream:
         head = _header(request_id, "chat.completion.chunk", body)
         opened = False

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 from pydantic import Field, SecretStr
 
+from gateway.limits import TenantLimits
 from services.common.settings import ServiceSettings
 
 
@@ -36,6 +37,10 @@ class GatewaySettings(ServiceSettings):
     # How many (tenant, adapter) pairs get Prometheus series of their own; the rest share
     # one "_other" series (bounded cardinality).
     adapter_metrics_limit: int = Field(default=200, ge=0)
+    # Each tenant's limits where the admin set none of its own (PUT /admin/tenants/{t}/limits);
+    # TenantLimits says what each means, 0 is unlimited. YAML: a mapping; environment:
+    # TENANT_LIMITS='{"tokens_per_minute": 60000}'.
+    tenant_limits: TenantLimits = TenantLimits()
     # Largest request body accepted; adapter uploads under /admin get the larger limit.
     max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=0)
     max_upload_bytes: int = Field(default=256 * 1024 * 1024, ge=0)
