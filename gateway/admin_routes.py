@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile
 from pydantic import BaseModel, Field
 
 from gateway.deps import Gateway, GatewayDep, require_admin
@@ -107,6 +107,16 @@ async def create_key(
             reason="SCOPE_NOT_FOR_TENANT",
         )
     return asdict(await gateway.keys.create_key(tenant, scope))
+
+
+@router.get("/audit")
+async def audit_log(
+    gateway: GatewayDep,
+    tenant: Annotated[str, Query(max_length=63, description="only this tenant's")] = "",
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    """Who changed what, newest first: uploads, keys, limits, swaps, experiments."""
+    return {"entries": [asdict(e) for e in await gateway.audit.latest(limit, tenant)]}
 
 
 @router.get("/tenants/{tenant}/limits")

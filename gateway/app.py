@@ -19,6 +19,7 @@ from gateway import (
     openai_routes,
     ops_routes,
 )
+from gateway.audit import AuditMiddleware
 from gateway.deps import Gateway
 from gateway.errors import document_errors, install_error_handlers
 from gateway.middleware import BodyLimitMiddleware, MetricsMiddleware, UnhandledErrorMiddleware
@@ -93,6 +94,7 @@ def create_app(
         prefix_limits={admin_routes.router.prefix + "/": settings.max_upload_bytes},
         read_timeout=settings.body_read_timeout_seconds,
     )
+    app.add_middleware(AuditMiddleware)
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(MetricsMiddleware)
     return app

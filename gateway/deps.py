@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
+from gateway.audit import AuditLog
 from gateway.keys import Caller, Scope, TenantKeyStore
 from gateway.limits import RateLimiter
 from gateway.settings import GatewaySettings
@@ -71,6 +72,7 @@ class Gateway:
         self.assigner = ExperimentsClient(redis) if experiments_channel else None
         self.redis = redis
         self.keys = TenantKeyStore(redis)
+        self.audit = AuditLog(redis)
         self.limits = RateLimiter(redis, settings.tenant_limits)
         self._charges: set[asyncio.Task] = set()
         self.inference = pb_grpc.InferenceServiceStub(inference_channel)
@@ -176,6 +178,7 @@ async def authenticate(
             f"a {caller.scope} key cannot call this route", reason="KEY_SCOPE", scope=caller.scope
         )
     request.state.actor = f"{caller.scope}:{caller.key_id[:12]}"
+    request.state.caller = caller
     if caller.scope is Scope.METRICS:
         return caller
     ceiling = await gateway.limits.admit(caller.tenant, caller.key_id)
