@@ -2,10 +2,13 @@
 
 `AdapterCache` is one tier. An adapter that a running request uses holds a reference and
 is never evicted under it; an operator can pin one for good; an optional TTL drops what
-has not been used for a while. Concurrent requests for the same missing adapter share one
-load. `TieredAdapterCache` stacks a device tier (GPU memory) on a host tier (CPU memory):
-a device miss is filled from the host tier, a host miss from the store. On a CPU-only
-machine the weights already live where the model runs, so there is one tier.
+has not been used for a while. Each tenant (the first part of a cache key: an adapter's
+owner) may hold at most `tenant_share` of the tier: past it, the tenant's own least
+recently used adapters make room, never another tenant's, so one tenant cycling through
+many adapters cannot evict everyone else's. Concurrent requests for the same missing
+adapter share one load. `TieredAdapterCache` stacks a device tier (GPU memory) on a host
+tier (CPU memory): a device miss is filled from the host tier, a host miss from the store.
+On a CPU-only machine the weights already live where the model runs, so there is one tier.
 """
 
 from __future__ import annotations
@@ -55,11 +58,19 @@ class CacheSnapshot:
 
 class AdapterCache:
     def __init__(
-        self, capacity_bytes: int, *, tier: str = "host", ttl_seconds: float | None = None
+        self,
+        capacity_bytes: int,
+        *,
+        tier: str = "host",
+        ttl_seconds: float | None = None,
+        tenant_share: float = 1.0,
     ) -> None:
+        if not 0 < tenant_share <= 1:
+            raise ValueError(f"tenant_share must be in (0, 1], got {tenant_share}")
         self.tier = tier
         self.capacity_bytes = capacity_bytes
         self.ttl_seconds = ttl_seconds
+        self.tenant_share = tenant_share
         self._entries: OrderedDict[Hashable, _Entry] = OrderedDict()
         self._loading: dict[Hashable, asyncio.Future[_Entry]] = {}
         self._used = 0
@@ -143,6 +154,7 @@ class AdapterCache:
             self._load_seconds_total += elapsed
             self._recent_loads.append(elapsed)
             entry = _Entry(weights=weights, size=weights.size_bytes, last_used=time.monotonic())
+            self._make_tenant_room(_tenant_of(key), entry.size)
             self._make_room(entry.size)
             self._entries[key] = entry
             self._used += entry.size
@@ -155,6 +167,28 @@ class AdapterCache:
             del self._loading[key]
         entry.users += 1
         return entry, False
+
+    def _make_tenant_room(self, tenant: object, size: int) -> None:
+        """Keep the tenant within its share, evicting only its own idle adapters."""
+        share = int(self.capacity_bytes * self.tenant_share)
+        if tenant is None or share >= self.capacity_bytes:
+            return
+        own = [k for k in self._entries if _tenant_of(k) == tenant]
+        used = sum(self._entries[k].size for k in own)
+        for key in own:  # least recently used first
+            if used + size <= share:
+                return
+            entry = self._entries[key]
+            if entry.users == 0 and not entry.pinned:
+                used -= entry.size
+                self._drop(key)
+                self.evictions += 1
+        if used + size > share:
+            raise ResourceExhausted(
+                f"this tenant's adapters would take more than its share of the {self.tier} "
+                f"adapter cache ({share} bytes); retry when fewer are in use",
+                reason="TENANT_CACHE_SHARE_FULL",
+            )
 
     def _make_room(self, size: int) -> None:
         if size > self.capacity_bytes:
@@ -200,6 +234,11 @@ class AdapterCache:
             ttl_seconds=self.ttl_seconds,
             adapters=[(k, e.size, e.hits) for k, e in reversed(self._entries.items())],
         )
+
+
+def _tenant_of(key: Hashable) -> object:
+    """Whose adapter a cache key names: (owner, name, version) or (tenant, digest, 0)."""
+    return key[0] if isinstance(key, tuple) and key else None
 
 
 class TieredAdapterCache:

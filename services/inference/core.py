@@ -112,14 +112,18 @@ class InferenceCore:
     @staticmethod
     def _tiered_cache(settings: InferenceSettings) -> TieredAdapterCache:
         """Host memory always; a device tier too when the model runs on a GPU."""
-        ttl = settings.adapter_cache_ttl_seconds
-        host = AdapterCache(settings.adapter_cache_bytes, tier="host", ttl_seconds=ttl)
+        ttl, share = settings.adapter_cache_ttl_seconds, settings.adapter_cache_tenant_share
+        host = AdapterCache(
+            settings.adapter_cache_bytes, tier="host", ttl_seconds=ttl, tenant_share=share
+        )
         device = resolve_device(settings.device)
         if device.type == "cpu":
             return TieredAdapterCache(host)
         return TieredAdapterCache(
             host,
-            AdapterCache(settings.device_cache_bytes, tier="device", ttl_seconds=ttl),
+            AdapterCache(
+                settings.device_cache_bytes, tier="device", ttl_seconds=ttl, tenant_share=share
+            ),
             lambda weights: weights.to(device),
         )
 

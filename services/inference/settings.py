@@ -3,7 +3,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from services.common.settings import REPO_ROOT, ServiceSettings
 
@@ -40,6 +40,9 @@ class InferenceSettings(ServiceSettings):
     device_cache_bytes: int = 256 * 1024 * 1024
     # Adapters unused for this long leave the cache (None: only LRU eviction).
     adapter_cache_ttl_seconds: float | None = None
+    # The most of each cache tier one tenant's adapters may hold (1: no limit). Past it the
+    # tenant's own least recently used adapters go, never another tenant's.
+    adapter_cache_tenant_share: float = Field(default=0.5, gt=0, le=1)
     # Upper bound on max_new_tokens a request may ask for (also bounded by the context).
     max_new_tokens_limit: int = 512
     # Sampling where a request leaves it unset. None: the model's generation_config.json

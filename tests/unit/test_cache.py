@@ -158,3 +158,25 @@ async def test_device_tier_never_evicts_what_a_running_request_uses():
         assert "running" in cache.device
     assert await cache.ensure("other", loader(100)) is False
     assert cache.remove("other") and "other" not in cache
+
+
+async def test_a_tenant_past_its_share_evicts_its_own_adapters_never_anothers():
+    cache = AdapterCache(capacity_bytes=4 * 1000, tenant_share=0.5)  # 500 floats each
+    await cache.ensure(("quiet", "a", 1), loader(200))
+    await cache.ensure(("quiet", "b", 1), loader(200))
+    for version in range(1, 8):  # a tenant cycling through adapters
+        await cache.ensure(("flood", "x", version), loader(200))
+    # The flood stays within 500 floats (two adapters); the quiet tenant keeps both.
+    assert ("quiet", "a", 1) in cache and ("quiet", "b", 1) in cache
+    flood = [k for k, _, _ in cache.snapshot().adapters if k[0] == "flood"]
+    assert flood == [("flood", "x", 7), ("flood", "x", 6)]
+
+
+async def test_a_tenant_whose_share_is_all_in_use_is_refused_not_served_by_eviction():
+    cache = AdapterCache(capacity_bytes=4 * 1000, tenant_share=0.5)
+    await cache.ensure(("quiet", "a", 1), loader(200))
+    async with cache.use(("flood", "x", 1), loader(300)):
+        with pytest.raises(ResourceExhausted) as refused:
+            await cache.ensure(("flood", "x", 2), loader(300))
+    assert refused.value.reason == "TENANT_CACHE_SHARE_FULL"
+    assert ("quiet", "a", 1) in cache
