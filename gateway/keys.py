@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from services.common.errors import AlreadyExists, NotFound
-from services.common.keys import PLATFORM, key
+from services.common.keys import PLATFORM, key, tenants_index
 from services.common.names import check_tenant
 
 API_KEY_PREFIX = "lpx_"
@@ -59,7 +59,7 @@ def _text(value: bytes | str) -> str:
 class TenantKeyStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._tenants = key(PLATFORM, "tenants")  # hash: tenant -> created unix seconds
+        self._tenants = tenants_index()
 
     @staticmethod
     def _index(kid: str) -> str:

@@ -17,6 +17,7 @@ import grpc
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from gateway.adapter_metrics import EXPERIMENT_REQUESTS
 from gateway.deps import Gateway, GatewayDep, TenantDep
 from gateway.openai_schemas import (
     ChatCompletionRequest,
@@ -103,7 +104,17 @@ class _Call:
         served = served if served.name else common_pb2.AdapterRef(name=self.base_id)
         seconds = time.perf_counter() - self.started
         code = outcome.get("code", grpc.StatusCode.OK).name
-        gateway.adapter_series.observe(tenant, served.name, code, seconds)
+        usage = outcome["reply"].usage if "reply" in outcome else None
+        gateway.adapter_series.observe(
+            tenant,
+            served.name,
+            code,
+            seconds,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+        )
+        if self.route.in_experiment:
+            EXPERIMENT_REQUESTS.labels(self.route.experiment, self.route.variant).inc()
         if gateway.candidates is not None and "reply" in outcome:  # active-learning candidate
             gateway.candidates.completion(
                 tenant, self.request, outcome["reply"], self.route, self.base_id

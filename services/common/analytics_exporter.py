@@ -34,6 +34,11 @@ EVENTS = prometheus_client.Counter(
     "(queue full or retries exhausted).",
     ["outcome"],
 )
+QUEUED = prometheus_client.Gauge(
+    "loraplex_batch_export_queued_items",
+    "Items waiting in an exporter's in-memory queue (analytics events, candidates, ...).",
+    ["exporter"],
+)
 
 
 def completion_event(
@@ -92,6 +97,7 @@ class AnalyticsExporter:
             self._wake.set()
 
     def start(self) -> None:
+        QUEUED.labels(getattr(self, "name", "analytics")).set_function(lambda: len(self._queue))
         self._task = asyncio.create_task(self._run(), name="analytics-exporter")
 
     async def close(self, timeout_seconds: float = 5.0) -> None:
