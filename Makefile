@@ -50,6 +50,11 @@ deploy-config:
 	rm -f deploy/k8s/base/config/*.yaml
 	cp config/*.yaml deploy/k8s/base/config/
 
+# Generated docs and dashboards (tests/deploy fails when the committed ones are stale).
+docs: setup
+	$(BIN)/python docs/gen_api_reference.py
+	$(BIN)/python deploy/grafana/build_dashboards.py
+
 # The compose stack (docs/deploy.md): needs Docker and a .env made from deploy/compose.env.example.
 up:
 	docker compose up -d --build
