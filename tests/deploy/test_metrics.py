@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from loraplex.analytics.v1 import analytics_service_pb2 as apb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
-from services.common.localhost import free_port
+from services.common.localhost import free_port, start_redis_server
 from services.common.settings import REPO_ROOT
 from services.stack import DEMO_TENANTS, GRPC_SERVICES, demo_adapter_name, read_keys
 from tests.deploy.deployfiles import DEPLOY, settings_class
@@ -83,10 +83,14 @@ def test_every_query_names_metrics() -> None:
 
 
 @pytest.fixture(scope="module")
-def metrics_stack(redis_url: str, tmp_path_factory) -> Iterator[dict]:
+def metrics_stack(tmp_path_factory) -> Iterator[dict]:
     """The stack with every service's /metrics on: config/*.yaml copied with free metrics
-    ports (METRICS_PORT unset, so each service reads its own file, as in the image)."""
+    ports (METRICS_PORT unset, so each service reads its own file, as in the image). Its own
+    redis-server: the registry it fills must not name adapters in another stack's store."""
     run_dir = tmp_path_factory.mktemp("metrics-stack")
+    redis_port = free_port()
+    redis_server = start_redis_server(redis_port, str(run_dir))
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
     config = run_dir / "config"
     shutil.copytree(REPO_ROOT / "config", config)
     metrics_ports = {}
@@ -137,6 +141,8 @@ def metrics_stack(redis_url: str, tmp_path_factory) -> Iterator[dict]:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
+        redis_server.terminate()
+        redis_server.wait(timeout=10)
 
 
 def until(check, timeout: float = 30.0):
@@ -180,13 +186,13 @@ def send_traffic(stack: dict) -> None:
         body = {"model": "experiment:metrics-ab", "user": user, "prompt": "Hi", "max_tokens": 2}
         assert bank.post("/v1/completions", json=body).status_code == 200
     assert bank.get("/ab-testing/experiments/metrics-ab/results").status_code == 200
+
     # Feedback on one of the bank's completions (they are queued as candidates).
-    lease = until(
-        lambda: (
-            bank.get("/feedback/next", params={"reviewer": "ops"}).json().get("item")
-            and bank.get("/feedback/next", params={"reviewer": "ops"}).json()
-        )
-    )
+    def lease_one() -> dict | None:
+        reply = bank.get("/feedback/next", params={"reviewer": "ops"}).json()
+        return reply if reply.get("item") else None
+
+    lease = until(lease_one)
     assert lease, "no completion reached the feedback queue"
     body = {
         "item_id": lease["item"]["id"],
