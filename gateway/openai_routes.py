@@ -97,8 +97,9 @@ class _Call:
     base_id: str
     started: float
 
-    def record(self, served: common_pb2.AdapterRef, **outcome: Any) -> None:
-        """Account for the request's outcome: Prometheus series and the analytics event."""
+    async def record(self, served: common_pb2.AdapterRef, **outcome: Any) -> None:
+        """Account for the request's outcome: Prometheus series and the analytics event
+        (in the outbox before the response is sent; never fails the request)."""
         gateway, tenant = self.gateway, self.tenant
         served = served if served.name else common_pb2.AdapterRef(name=self.base_id)
         seconds = time.perf_counter() - self.started
@@ -113,12 +114,12 @@ class _Call:
         event = completion_event(tenant, served, seconds, **outcome)
         if self.route.in_experiment:  # units outside the experiment are not in its results
             event.experiment, event.variant = self.route.experiment, self.route.variant
-        gateway.exporter.record(event)
+        await gateway.exporter.add(event)
 
-    def record_error(self, err: grpc.aio.AioRpcError) -> None:
+    async def record_error(self, err: grpc.aio.AioRpcError) -> None:
         # Unknown adapter names are not recorded: any string would become a series.
         if err.code() != grpc.StatusCode.NOT_FOUND:
-            self.record(self.route.adapter, code=err.code())
+            await self.record(self.route.adapter, code=err.code())
 
 
 async def _start(
@@ -149,9 +150,9 @@ async def _generate(call: _Call) -> pb.GenerateResponse:
     try:
         reply = await call.gateway.inference.Generate(call.request, timeout=call.gateway.timeout)
     except grpc.aio.AioRpcError as err:
-        call.record_error(err)
+        await call.record_error(err)
         raise
-    call.record(reply.adapter, reply=reply)
+    await call.record(reply.adapter, reply=reply)
     return reply
 
 
@@ -167,7 +168,7 @@ async def _stream(
     try:
         first = await anext(messages)
     except grpc.aio.AioRpcError as err:
-        call.record_error(err)
+        await call.record_error(err)
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -179,12 +180,12 @@ async def _stream(
                 message = await anext(messages)
             if message.text:
                 yield _sse(delta(message.text))
-            call.record(message.final.adapter, reply=message.final)
+            await call.record(message.final.adapter, reply=message.final)
             for chunk in finish(message.final):
                 yield _sse(chunk)
             yield "data: [DONE]\n\n"
         except grpc.aio.AioRpcError as err:  # mid-stream: the status line is already sent
-            call.record_error(err)
+            await call.record_error(err)
             yield _sse({"error": {"code": err.code().name, "message": err.details() or ""}})
         finally:
             stream.cancel()  # a no-op when finished; frees the model's row if the client left
