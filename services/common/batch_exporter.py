@@ -45,6 +45,12 @@ ITEMS = prometheus_client.Counter(
     "exhausted without an outbox, still in memory at shutdown).",
     ["exporter", "outcome"],
 )
+EXHAUSTED = prometheus_client.Counter(
+    "loraplex_batch_export_exhausted_total",
+    "Batches whose send retries ran out (the receiver was down longer than the retry "
+    "budget): dropped without an outbox, kept and sent again with one.",
+    ["exporter"],
+)
 OUTBOX_ITEMS = prometheus_client.Gauge(
     "loraplex_outbox_items",
     "Items waiting to be sent, by exporter: in the outbox, or in memory while Redis is "
@@ -145,7 +151,7 @@ class BatchExporter(Generic[T]):
             batch = [self._queue.popleft() for _ in range(count)]
             self._in_flight = count
             if not await self._send(batch, f"{self.name}-{uuid.uuid4().hex}"):
-                self.exhausted += 1
+                self._exhausted()
                 self._drop(count, "retries exhausted")
             self._in_flight = 0
 
@@ -160,7 +166,7 @@ class BatchExporter(Generic[T]):
                 self._drop(len(items) - added, "outbox full")
             while (batch := await outbox.take(self._max_batch)) is not None:
                 if not await self._send(batch.items, batch.batch_id):
-                    self.exhausted += 1  # kept: sent again, same id, at the next flush
+                    self._exhausted()  # kept: sent again, same id, at the next flush
                     return
                 await outbox.ack(batch)
         except redis.exceptions.RedisError as err:
@@ -211,6 +217,10 @@ class BatchExporter(Generic[T]):
             ITEMS.labels(self.name, "rejected").inc(rejected)
             return True
         return False
+
+    def _exhausted(self) -> None:
+        self.exhausted += 1
+        EXHAUSTED.labels(self.name).inc()
 
     def _drop(self, count: int, why: str) -> None:
         if count:
