@@ -97,7 +97,7 @@ class RedisOutbox(Generic[T]):
 
     async def _read(self, start: str, count: int | None) -> list:
         reply = await self._redis.xreadgroup(GROUP, CONSUMER, {self.key: start}, count=count)
-        # [[key, [(id, fields), ...]]] (the RESP2 replies connect() asks for). An entry
+        # [[key, [(id, fields), ...]]] (RESP2, what connect() gets by default). An entry
         # deleted while pending reads back without fields: never ours, we ack and delete
         # together.
         return [(i, fields) for i, fields in (reply[0][1] if reply else []) if fields]

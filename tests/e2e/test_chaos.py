@@ -144,6 +144,7 @@ def counted(stack: LocalStack, tenant: str) -> int:
     return int(reply.json().get("metrics", {}).get("successes", 0))
 
 
+@pytest.mark.timeout(480)  # ~1.5 min on a quiet 2-core machine; each wait is bounded
 def test_killing_each_part_in_turn_loses_no_count_and_fails_only_with_503s(chaos):
     stack, redis = chaos
     load = Load(stack)
@@ -191,6 +192,16 @@ def test_killing_each_part_in_turn_loses_no_count_and_fails_only_with_503s(chaos
         time.sleep(0.5)
     assert {t: counted(stack, t) for t in DEMO_TENANTS} == dict(served)
     print(f"served {dict(served)}; failures {dict(load.failures)}")
+
+
+def test_the_stack_still_stops_cleanly_on_ctrl_c(chaos):
+    """After the chaos (or alone): Ctrl-C stops every process with status 0. On this
+    module's stack, so that no other test finds the session's stack stopped."""
+    stack, _ = chaos
+    stack.process.send_signal(signal.SIGINT)
+    assert stack.process.wait(timeout=60) == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{stack.url}/healthz", timeout=2)
 
 
 def kill(stack: LocalStack, name: str) -> None:

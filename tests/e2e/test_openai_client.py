@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 
 import httpx
@@ -285,11 +284,3 @@ def test_experiment_routing_needs_a_user(stack):
     )
     assert reply.status_code == 400
     assert reply.json()["error"]["details"][0]["reason"] == "USER_REQUIRED"
-
-
-def test_stack_stops_cleanly_on_ctrl_c(stack):
-    """Runs last in this module: Ctrl-C stops every process with status 0."""
-    stack.process.send_signal(signal.SIGINT)
-    assert stack.process.wait(timeout=60) == 0
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{stack.url}/healthz", timeout=2)
