@@ -30,7 +30,7 @@ from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
-from services.common.analytics_exporter import AnalyticsExporter
+from services.common.analytics_exporter import AnalyticsExporter, analytics_outbox
 from services.common.batch_exporter import BatchExporter
 from services.common.errors import PermissionDenied, Unauthenticated, Unavailable
 from services.experiments.client import ExperimentsClient
@@ -61,7 +61,17 @@ class Gateway:
         self.analytics = (
             apb_grpc.AnalyticsServiceStub(analytics_channel) if analytics_channel else None
         )
-        self.exporter = AnalyticsExporter(analytics_channel) if analytics_channel else None
+        # Usage events wait in a Redis outbox, so an analytics outage loses none of them.
+        self.exporter = (
+            AnalyticsExporter(
+                analytics_channel,
+                outbox=analytics_outbox(
+                    redis, settings.instance, settings.analytics_outbox_max_events
+                ),
+            )
+            if analytics_channel
+            else None
+        )
         self.adapter_series = AdapterSeries(settings.adapter_metrics_limit)
         self.experiments = (
             xpb_grpc.ExperimentsServiceStub(experiments_channel) if experiments_channel else None

@@ -22,7 +22,13 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
 from starlette.exceptions import HTTPException
 
-from services.common.errors import ERROR_DOMAIN, REDIS_OUTAGE, LoraplexError, domain_error
+from services.common.errors import (
+    ERROR_DOMAIN,
+    REDIS_OUTAGE,
+    LoraplexError,
+    OutageLog,
+    domain_error,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +66,15 @@ _GENERIC_MESSAGE: dict[grpc.StatusCode, str] = {
     _C.UNAVAILABLE: "a backend service is unavailable; retry later",
     _C.DEADLINE_EXCEEDED: "a backend service did not answer in time",
 }
+# ... and the reason it is given, so that every failure names one (a service that is down
+# or restarting has no interceptor to attach one).
+_GENERIC_REASON: dict[grpc.StatusCode, str] = {
+    _C.UNAVAILABLE: "BACKEND_UNAVAILABLE",
+    _C.DEADLINE_EXCEEDED: "BACKEND_TIMEOUT",
+}
 INTERNAL_MESSAGE = "internal error"
+# A backend that is down fails every request: one warning per outage, not one each.
+_upstream_failures = OutageLog("upstream call failed")
 # An outage (a backend or Redis answering UNAVAILABLE) is worth retrying this much later.
 RETRY_AFTER = {"Retry-After": "1"}
 
@@ -135,11 +149,9 @@ def rpc_error_response(err: grpc.aio.AioRpcError, path: str = "") -> JSONRespons
     # Domain errors (they carry ErrorInfo) are written for callers. A bare 5xx status is
     # transport or crash noise that may name internal hosts: log it, send a generic line.
     if http >= 500 and not details:
-        log.warning(
-            "upstream call failed",
-            extra={"grpc_code": code.name, "grpc_message": message, "path": path},
-        )
+        _upstream_failures.failed(grpc_code=code.name, grpc_message=message, path=path)
         message = _GENERIC_MESSAGE.get(code, INTERNAL_MESSAGE)
+        details = [error_info(_GENERIC_REASON.get(code, "INTERNAL"))]
     # The gRPC code names the status (FAILED_PRECONDITION and INVALID_ARGUMENT share 400).
     headers = RETRY_AFTER if code == _C.UNAVAILABLE else None
     return error_response(http, message, details, headers, status=code.name)

@@ -103,9 +103,10 @@ class _Call:
     def tenant(self) -> str:
         return self.caller.tenant
 
-    def record(self, served: common_pb2.AdapterRef, **outcome: Any) -> None:
+    async def record(self, served: common_pb2.AdapterRef, **outcome: Any) -> None:
         """Account for the request's outcome: Prometheus series, the tenant's token budget
-        and the analytics event."""
+        and the analytics event (in the outbox before the response is sent; never fails
+        the request)."""
         gateway, tenant = self.gateway, self.tenant
         served = served if served.name else common_pb2.AdapterRef(name=self.base_id)
         seconds = time.perf_counter() - self.started
@@ -133,12 +134,12 @@ class _Call:
         event = completion_event(tenant, served, seconds, **outcome)
         if self.route.in_experiment:  # units outside the experiment are not in its results
             event.experiment, event.variant = self.route.experiment, self.route.variant
-        gateway.exporter.record(event)
+        await gateway.exporter.add(event)
 
-    def record_error(self, err: grpc.aio.AioRpcError) -> None:
+    async def record_error(self, err: grpc.aio.AioRpcError) -> None:
         # Unknown adapter names are not events: analytics would refuse them anyway.
         if err.code() != grpc.StatusCode.NOT_FOUND:
-            self.record(self.route.adapter, code=err.code())
+            await self.record(self.route.adapter, code=err.code())
 
 
 async def _start(
@@ -177,9 +178,9 @@ async def _generate(call: _Call) -> pb.GenerateResponse:
     try:
         reply = await call.gateway.inference.Generate(call.request, timeout=call.gateway.timeout)
     except grpc.aio.AioRpcError as err:
-        call.record_error(err)
+        await call.record_error(err)
         raise
-    call.record(reply.adapter, reply=reply)
+    await call.record(reply.adapter, reply=reply)
     return reply
 
 
@@ -195,7 +196,7 @@ async def _stream(
     try:
         first = await anext(messages)
     except grpc.aio.AioRpcError as err:
-        call.record_error(err)
+        await call.record_error(err)
         raise
 
     async def events() -> AsyncIterator[str]:
@@ -207,12 +208,12 @@ async def _stream(
                 message = await anext(messages)
             if message.text:
                 yield _sse(delta(message.text))
-            call.record(message.final.adapter, reply=message.final)
+            await call.record(message.final.adapter, reply=message.final)
             for chunk in finish(message.final):
                 yield _sse(chunk)
             yield "data: [DONE]\n\n"
         except grpc.aio.AioRpcError as err:  # mid-stream: the status line is already sent
-            call.record_error(err)
+            await call.record_error(err)
             yield _sse({"error": {"code": err.code().name, "message": err.details() or ""}})
         finally:
             stream.cancel()  # a no-op when finished; frees the model's row if the client left

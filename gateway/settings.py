@@ -3,6 +3,8 @@ environment variables (the field name in upper case) override both."""
 
 from __future__ import annotations
 
+import re
+import socket
 from typing import ClassVar
 
 from pydantic import Field, SecretStr
@@ -20,6 +22,13 @@ class GatewaySettings(ServiceSettings):
     # host:port of the analytics service (env ANALYTICS_ADDR). Unset: no usage events are
     # exported and /analytics answers 503.
     analytics_addr: str | None = None
+    # Names this gateway's analytics outbox (a Redis stream; docs/analytics.md): unique
+    # among the gateways that share a Redis, and kept across restarts, so a restarted
+    # gateway sends what its previous run left. Unset: <hostname>-<port>.
+    gateway_instance: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    # Bound of the outbox (about 100 bytes of Redis memory an event): while analytics is
+    # down longer than it takes to fill, newer events are dropped and counted.
+    analytics_outbox_max_events: int = Field(default=1_000_000, ge=1)
     # host:port of the experiments service (env EXPERIMENTS_ADDR). Unset: /ab-testing and
     # `model: "experiment:<key>"` answer 503.
     experiments_addr: str | None = None
@@ -53,3 +62,10 @@ class GatewaySettings(ServiceSettings):
     body_read_timeout_seconds: float = Field(default=30.0, gt=0)
     # Idle keep-alive connections close after this many seconds (uvicorn's default is 5).
     keep_alive_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @property
+    def instance(self) -> str:
+        if self.gateway_instance:
+            return self.gateway_instance
+        host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:50]
+        return f"{host}-{self.port}"

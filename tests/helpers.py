@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import signal
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,7 @@ import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
 
+from services.common.localhost import free_port, start_redis_server
 from services.common.settings import REPO_ROOT
 
 DEMO_ADAPTERS = REPO_ROOT / "models" / "adapters"
@@ -101,3 +106,26 @@ def decode_alone(runner, prompt_ids: list[int], adapter, config):
     from services.inference.decoding import DecodeSequence
 
     return decode_together(runner, [DecodeSequence(prompt_ids, adapter, config)])[0]
+
+
+@dataclass
+class StoppableRedis:
+    """A real redis-server that a test can stop (or kill -9) and start again on the same
+    port and directory; `options` as start_redis_server takes them."""
+
+    options: tuple[str, ...] = ()
+    port: int = field(default_factory=free_port)
+    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="loraplex-outage-"))
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = start_redis_server(self.port, self.workdir, *self.options)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        self.process.wait(timeout=10)

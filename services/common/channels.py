@@ -15,5 +15,9 @@ def open_channel(addr: str) -> grpc.aio.Channel:
         options=[
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            # A restarted service is reached again within 2 s, not after gRPC's default
+            # backoff (doubling up to 2 min, during which every call fails at once).
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ],
     )

@@ -80,25 +80,24 @@ REDIS_OUTAGE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _OUTAGE_WARNING_SECONDS = 30.0
 
 
-class _OutageLog:
-    """One warning per outage (at most one per 30 s), not a traceback per request."""
+class OutageLog:
+    """One warning per outage (at most one per 30 s), not a traceback or a line per
+    request; it says how many requests failed since the last one."""
 
-    def __init__(self) -> None:
+    def __init__(self, message: str) -> None:
+        self._message = message
         self._last = float("-inf")
         self._since = 0
 
-    def failed(self, err: Exception) -> None:
+    def failed(self, **extra: object) -> None:
         self._since += 1
         now = time.monotonic()
         if now - self._last >= _OUTAGE_WARNING_SECONDS:
-            log.warning(
-                "redis unavailable: answering UNAVAILABLE",
-                extra={"error": type(err).__name__, "requests_failed": self._since},
-            )
+            log.warning(self._message, extra={**extra, "requests_failed": self._since})
             self._last, self._since = now, 0
 
 
-_redis_outages = _OutageLog()
+_redis_outages = OutageLog("redis unavailable: answering UNAVAILABLE")
 
 
 def domain_error(err: Exception) -> LoraplexError | None:
@@ -107,6 +106,6 @@ def domain_error(err: Exception) -> LoraplexError | None:
     if isinstance(err, LoraplexError):
         return err
     if isinstance(err, REDIS_OUTAGE):
-        _redis_outages.failed(err)
+        _redis_outages.failed(error=type(err).__name__)
         return Unavailable("the data store is unavailable; retry later", reason="REDIS_UNAVAILABLE")
     return None

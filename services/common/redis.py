@@ -8,6 +8,7 @@ from contextlib import AsyncExitStack
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.maint_notifications import MaintNotificationsConfig
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,16 @@ class EmbeddedRedis:
 
 
 def connect(url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url, decode_responses=False)
+    """No command is retried (a retried write could apply twice). Instead the pool checks a
+    pooled connection before lending it and replaces one the server closed, so a restart
+    of Redis costs no request an error once it is back. The check is skipped while
+    maintenance notifications (a Redis Enterprise feature, "auto" by default) are on,
+    which left every pooled connection to fail one command after a restart."""
+    return aioredis.Redis.from_url(
+        url,
+        decode_responses=False,
+        maint_notifications_config=MaintNotificationsConfig(enabled=False),
+    )
 
 
 async def open_redis(url: str | None, resources: AsyncExitStack) -> aioredis.Redis:

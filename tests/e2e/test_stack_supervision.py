@@ -1,5 +1,5 @@
 """`make run`'s stack: a crashed service is restarted while the others keep serving, the
-keys never reach a log, and Ctrl-C stops every process cleanly."""
+keys never reach a log (Ctrl-C: tests/e2e/test_chaos.py, on a stack of its own)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import httpx
 import psutil
 import pytest
 
-from services.stack import grpc_serving, start_on_free_ports
+from services.stack import grpc_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -57,16 +57,3 @@ def test_keys_are_in_a_private_file_and_never_in_the_log(stack):
     assert stack.admin_key in keys_file.read_text()
     for key in [stack.admin_key, *(v for k, v in stack.keys.items() if k.endswith("_KEY"))]:
         assert key not in log
-
-
-def test_stack_stops_cleanly_on_ctrl_c(redis_url, tmp_path):
-    """A stack of its own (the session's goes on serving the other tests)."""
-    own = start_on_free_ports(tmp_path, redis_url, services=["inference"])
-    children = psutil.Process(own.process.pid).children()
-    assert len(children) == 2  # inference and the gateway
-    own.process.send_signal(signal.SIGINT)
-    assert own.process.wait(timeout=60) == 0
-    _, alive = psutil.wait_procs(children, timeout=10)
-    assert not alive
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{own.url}/healthz", timeout=2)

@@ -8,11 +8,11 @@ keys live in the session Redis, except in the test of the gateway's own Redis us
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import tempfile
+import signal
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -25,36 +25,15 @@ from services.activelearning.settings import ActiveLearningSettings
 from services.analytics.app import create_server as create_analytics
 from services.analytics.settings import AnalyticsSettings
 from services.common.channels import open_channel
-from services.common.localhost import free_port, start_redis_server
 from services.common.redis import connect
 from services.experiments.app import create_server as create_experiments
 from services.experiments.settings import ExperimentsSettings
 from services.inference.app import create_server as create_inference
 from services.inference.settings import InferenceSettings
-from tests.helpers import new_tenant
+from tests.helpers import StoppableRedis, new_tenant
 from tests.unit.gateway.fake_inference import assert_error, gateway_settings
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class StoppableRedis:
-    """A real redis-server that a test can stop and start again on the same port."""
-
-    port: int = field(default_factory=free_port)
-    workdir: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="loraplex-outage-"))
-    process: Any = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.process = start_redis_server(self.port, self.workdir)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -154,16 +133,33 @@ async def test_a_redis_outage_is_503_with_a_reason(
             during = await client.request(method, path, headers=headers, json=body)
     finally:
         services_redis.start()
-        # Drop connections the restart closed, so the next request starts clean.
-        await stack.services_client.connection_pool.disconnect()
     error = assert_error(during, 503, "UNAVAILABLE")
     assert [d.get("reason") for d in error["details"]] == ["REDIS_UNAVAILABLE"]
     assert during.headers["Retry-After"] == "1"
     # An expected outage: at most a warning, never a logged traceback.
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
-    # Redis is back (empty: it kept no data): the service answers again.
+    # Redis is back (empty: it kept no data): the service answers again, on the first try
+    # (the pool replaced the connections the restart closed).
     if which == "own_redis_gateway":
         headers = await tenant_headers(keys)
     after = await client.request(method, path, headers=headers, json=body)
     assert after.status_code < 500, after.text
+
+
+async def test_a_restarted_redis_costs_no_command_an_error() -> None:
+    """kill -9 and a restart: every pooled connection is dead, and none is lent again."""
+    server = StoppableRedis()
+    server.start()
+    client = connect(server.url)
+    try:
+        await asyncio.gather(*(client.set(f"k{i}", i) for i in range(8)))  # 8 pooled
+        assert len(client.connection_pool._available_connections) == 8
+        server.stop(signal.SIGKILL)
+        await asyncio.sleep(0.2)  # a serving process's event loop sees the connections close
+        server.start()
+        replies = await asyncio.gather(*(client.ping() for _ in range(8)), return_exceptions=True)
+        assert replies == [True] * 8
+    finally:
+        await client.aclose()
+        server.stop()

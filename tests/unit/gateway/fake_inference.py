@@ -4,6 +4,7 @@ production: status code + ErrorInfo trailer. Plus the check every error response
 
 from __future__ import annotations
 
+import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -167,6 +168,8 @@ def gateway_settings(inference_addr: str) -> GatewaySettings:
         inference_addr=inference_addr,
         request_timeout_seconds=5,
         health_timeout_seconds=1,
+        # Each gateway its own analytics outbox: the tests share one Redis.
+        gateway_instance=f"test-{uuid.uuid4().hex[:12]}",
     )
 
 

@@ -1,22 +1,35 @@
-"""The gateway's analytics exporter against a fake analytics service on a real gRPC server."""
+"""The gateway's analytics exporter against a fake analytics service on a real gRPC server,
+with and without its durable outbox (on a real Redis)."""
 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
+import uuid
 
 import grpc
+import prometheus_client
 import pytest
+import redis.asyncio as aioredis
 
 from loraplex.analytics.v1 import analytics_service_pb2 as apb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.common.v1 import common_pb2
-from services.common.analytics_exporter import AnalyticsExporter, completion_event
+from services.common.analytics_exporter import (
+    EXPORTER_NAME,
+    AnalyticsExporter,
+    analytics_outbox,
+    completion_event,
+)
 from services.common.channels import open_channel
 from services.common.errors import Unavailable
 from services.common.localhost import free_port
+from services.common.outbox import RedisOutbox
+from services.common.redis import connect
 from services.common.server import Server, ServiceSpec
 from services.common.settings import ServiceSettings
+from tests.helpers import StoppableRedis
 
 
 class FakeAnalytics(apb_grpc.AnalyticsServiceServicer):
@@ -125,3 +138,84 @@ def test_per_adapter_series_are_bounded():
     assert count("metrics-t", "bounded-a") == 2 and count("metrics-t", "bounded-b") == 1
     assert count("metrics-t", "bounded-c") == 0  # past the limit: no series of its own
     assert count(OTHER, OTHER) == before_other + 2
+
+
+# The durable outbox (services/common/outbox.py) on a real Redis.
+
+
+def outbox(redis: aioredis.Redis, max_events: int = 1000) -> RedisOutbox[apb.Event]:
+    return analytics_outbox(redis, f"test-{uuid.uuid4().hex[:8]}", max_events)
+
+
+def gauge(name: str) -> float:
+    value = prometheus_client.REGISTRY.get_sample_value(name, {"exporter": EXPORTER_NAME})
+    return value or 0.0
+
+
+async def test_a_batch_whose_retries_ran_out_waits_in_the_outbox(fake_analytics, redis_client):
+    fake, channel = fake_analytics
+    fake.failures = 2  # as many as one flush tries
+    exporter = AnalyticsExporter(channel, max_attempts=2, outbox=outbox(redis_client))
+    for i in range(3):
+        await exporter.add(event(i))
+    await exporter.flush()  # two attempts, then kept for the next flush
+    assert exporter.exhausted == 1 and exporter.dropped == 0
+    assert gauge("loraplex_outbox_items") == 3
+    await exporter.flush()  # the third attempt: accepted
+    await exporter.flush()  # nothing left
+    assert [len(b.events) for b in fake.batches] == [3, 3, 3]
+    assert len({b.batch_id for b in fake.batches}) == 1  # counted once by analytics
+    assert gauge("loraplex_outbox_items") == 0 and gauge("loraplex_outbox_lag_seconds") == 0
+
+
+async def test_a_restarted_sender_resends_its_last_batch_under_the_same_id(
+    fake_analytics, redis_client
+):
+    fake, channel = fake_analytics
+    box = outbox(redis_client)
+    crashed = AnalyticsExporter(channel, max_batch=2, outbox=box)
+    for i in range(3):
+        await crashed.add(event(i))
+    read = await box.take(2)  # it read a batch and died before its ack, or after its send
+    assert read is not None
+    restarted = AnalyticsExporter(channel, max_batch=2, outbox=box)
+    await restarted.flush()
+    assert fake.batches[0].batch_id == read.batch_id
+    assert [[e.adapter.name for e in b.events] for b in fake.batches] == [["a0", "a1"], ["a2"]]
+    assert await redis_client.xlen(box.key) == 0
+
+
+async def test_a_full_outbox_drops_the_newest_and_counts_them(redis_client):
+    channel = open_channel(f"127.0.0.1:{free_port()}")  # nothing listens there
+    exporter = AnalyticsExporter(channel, outbox=outbox(redis_client, max_events=3))
+    for i in range(5):
+        await exporter.add(event(i))
+    assert exporter.dropped == 2
+    box = exporter._outbox
+    assert box is not None and await redis_client.xlen(box.key) == 3
+    await channel.close()
+
+
+async def test_events_added_while_redis_is_down_reach_the_outbox_when_it_is_back(
+    fake_analytics,
+):
+    fake, channel = fake_analytics
+    server = StoppableRedis()
+    server.start()
+    redis = connect(server.url)
+    try:
+        exporter = AnalyticsExporter(channel, outbox=outbox(redis))
+        await exporter.add(event(0))
+        server.stop(signal.SIGKILL)
+        started = time.perf_counter()
+        for i in range(1, 4):
+            await exporter.add(event(i))  # kept in memory, never raises
+        assert time.perf_counter() - started < 1
+        await exporter.flush()  # Redis still down: nothing sent, nothing lost
+        assert fake.batches == [] and exporter.dropped == 0
+        server.start()  # no persistence: event 0 died with Redis, 1-3 are in memory
+        await exporter.flush()
+        assert [e.adapter.name for b in fake.batches for e in b.events] == ["a1", "a2", "a3"]
+    finally:
+        await redis.aclose()
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import grpc
 import pytest
@@ -90,7 +91,15 @@ def test_bare_transport_failure_does_not_leak_its_message() -> None:
     assert response.status_code == 503
     assert error["status"] == "UNAVAILABLE"
     assert "10.0.3.7" not in error["message"]
-    assert error["details"] == []
+    assert [d["reason"] for d in error["details"]] == ["BACKEND_UNAVAILABLE"]
+
+
+def test_a_backend_outage_is_one_warning_not_one_per_request(caplog) -> None:
+    with caplog.at_level(logging.WARNING):
+        for _ in range(5):
+            rpc_error_response(rpc_error(C.UNAVAILABLE, "Connection refused", None))
+    # One per 30 s for the whole process (an earlier test may have had it already).
+    assert len([r for r in caplog.records if r.msg == "upstream call failed"]) <= 1
 
 
 def test_bare_client_error_keeps_its_message() -> None:

@@ -9,7 +9,8 @@ from gateway.settings import GatewaySettings
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("PORT", "HOST", "INFERENCE_ADDR", "LORAPLEX_ADMIN_KEY", "ADMIN_KEY"):
+    names = ("PORT", "HOST", "INFERENCE_ADDR", "LORAPLEX_ADMIN_KEY", "ADMIN_KEY")
+    for name in (*names, "GATEWAY_INSTANCE"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -36,3 +37,15 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_admin_key_is_read_only_from_its_documented_name(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ADMIN_KEY", "s3cret")
     assert GatewaySettings().admin_key is None
+
+
+def test_the_outbox_instance_name_is_stable_and_safe_in_batch_ids(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Default: the same for every run on this host and port, so a restart finds its outbox.
+    assert GatewaySettings(port=8081).instance == GatewaySettings(port=8081).instance
+    assert GatewaySettings(port=8081).instance.endswith("-8081")
+    monkeypatch.setenv("GATEWAY_INSTANCE", "gw-1")
+    assert GatewaySettings().instance == "gw-1"
+    with pytest.raises(ValueError):
+        GatewaySettings(gateway_instance="gw 1/{x}")  # batch ids allow [A-Za-z0-9._:-]
