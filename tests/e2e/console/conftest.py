@@ -98,9 +98,9 @@ def console_url(stack, monkeypatch: pytest.MonkeyPatch) -> str:
 
 def tab_test(tab: str, api: Gateway, timeout: float = 60) -> AppTest:
     """One tab's render(api), signed in as `api`, in Streamlit's own test runner."""
+    script = f"import streamlit as st\nfrom console.tabs import {tab}\n"
     at = AppTest.from_string(
-        f"import streamlit as st\nfrom console.tabs import {tab}\n{tab}.render(st.session_state['api'])\n",
-        default_timeout=timeout,
+        f"{script}{tab}.render(st.session_state['api'])\n", default_timeout=timeout
     )
     at.session_state["api"] = api
     return at

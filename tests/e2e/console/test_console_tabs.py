@@ -80,7 +80,7 @@ def test_analytics_shows_the_adapters_traffic(console_tenant: ConsoleTenant) -> 
     assert shown["Requests"] == f"{gateway['requests']:,}" and gateway["requests"] >= len(PROMPTS)
     assert shown["Success rate"] == "100.0 %"
     assert shown["Latency p95"] not in ("", "-")
-    assert len(at.get("arrow_line_chart")) == 2  # requests and latency over the window
+    assert len(at.get("vega_lite_chart")) == 2  # requests and latency over the window
     # Top performers ranks the adapter; version 2 served every request, version 1 none.
     assert ADAPTER in at.dataframe[0].value["adapter"].tolist()
     versions = at.dataframe[1].value
@@ -99,8 +99,8 @@ def test_an_experiment_is_created_started_and_stopped(console_tenant: ConsoleTen
     no_errors(at)
     experiment = console_tenant.http().get(f"/ab-testing/experiments/{key}").json()
     assert experiment["status"] == "EXPERIMENT_STATUS_DRAFT"
-    assert [v["adapters"] for v in experiment["variants"]] == [[{"name": ADAPTER, "version": 0,
-                                                                 "weight": 0}], []]
+    adapters = [[a["name"] for a in v["adapters"]] for v in experiment["variants"]]
+    assert adapters == [[ADAPTER], []]
     assert at.selectbox(key="ab_experiment").value == key
     assert f"**{key}** is **draft**" in texts(at)
     at.button(key="ab_start").click().run()
@@ -198,9 +198,7 @@ def test_the_playground_runs_adapters_and_their_composition(
 
 
 def test_the_admin_acts_for_the_tenant_it_picked(console_tenant: ConsoleTenant) -> None:
-    admin = Gateway(console_tenant.url, console_tenant.admin_key).acting_for(
-        console_tenant.tenant
-    )
+    admin = Gateway(console_tenant.url, console_tenant.admin_key).acting_for(console_tenant.tenant)
     assert [a["name"] for a in admin.adapters()] == [ADAPTER]
     admin.rollback(ADAPTER)  # a change made for the tenant is the admin's in the audit log
     admin.swap(ADAPTER, 2)
