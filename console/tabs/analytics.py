@@ -81,6 +81,10 @@ def _charts(points: list[dict]) -> None:
         {heading: [p["metrics"][field] for p in points] for field, heading in COLUMNS},
         index=pd.to_datetime([p["start_time"] for p in points]),
     )
+    # An empty bucket has no latency (not a latency of 0): leave a gap in the chart.
+    idle = frame["requests"] == 0
+    for _, heading in COLUMNS[1:6]:
+        frame.loc[idle, heading] = None
     left, right = st.columns(2)
     left.caption("Requests and errors per bucket")
     frame["errors"] = [p["metrics"]["errors"] for p in points]

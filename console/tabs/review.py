@@ -25,6 +25,8 @@ def render(api: Gateway) -> None:
         st.error("A reviewer name is 1-128 letters, digits or . _ : @ -")
         return
     mine = ui.state(api)
+    if "saved" in mine:  # what the last answer did, and this session's count
+        st.caption(f"{mine.pop('saved')} · {mine['reviewed']} reviewed in this session")
     lease = mine.get("lease")
     if lease is None or lease.get("reviewer") != reviewer:
         lease = ui.attempt(api.next_item, reviewer)
@@ -72,9 +74,9 @@ def _item(api: Gateway, mine: dict, lease: dict) -> None:
     for stars in range(1, 6):
         if cols[stars - 1].button(f"{stars} ★", key=f"rate_{stars}", shortcut=str(stars)):
             answer = {"rating": stars}
-    if cols[5].button("👍", key="thumbs_up", shortcut="U", help="thumbs up (U)"):
+    if cols[5].button("Up", key="thumbs_up", icon=":material/thumb_up:", shortcut="U"):
         answer = {"thumbs": "up"}
-    if cols[6].button("👎", key="thumbs_down", shortcut="D", help="thumbs down (D)"):
+    if cols[6].button("Down", key="thumbs_down", icon=":material/thumb_down:", shortcut="D"):
         answer = {"thumbs": "down"}
     if cols[7].button("Skip", key="skip", shortcut="S", help="leave it to its lease's expiry"):
         mine.pop("lease", None)
@@ -103,7 +105,9 @@ def _item(api: Gateway, mine: dict, lease: dict) -> None:
         if ui.attempt(api.submit_feedback, body) is not None:
             mine.pop("lease", None)
             mine["reviewed"] = mine.get("reviewed", 0) + 1
-            st.toast(f"Saved: {next(iter(answer))}")
+            kind, value = next(iter(answer.items()))
+            shown = value if kind in ("rating", "thumbs") else "saved"
+            mine["saved"] = f"Saved: {kind} {shown} for {item['id']}"
             st.rerun()
 
 

@@ -139,10 +139,13 @@ def test_review_rates_one_item_after_another(console_tenant: ConsoleTenant) -> N
     seen = []
     for answer in ("rate_4", "thumbs_up", "rate_2"):
         assert at.code[0].value in PROMPTS  # the prompt, at the top
-        seen.append(at.caption[0].value.split(" · ")[0])
+        item = next(c.value for c in at.caption if c.value.startswith("Item "))
+        seen.append(item.split(" · ")[0])
         at.button(key=answer).click().run()
         no_errors(at)
     assert len(set(seen)) == 3  # a new item each time
+    assert at.caption[0].value.startswith("Saved: rating 2 for ")
+    assert at.caption[0].value.endswith("3 reviewed in this session")
     after = api.feedback_stats()
     assert after["closed"] == before["closed"] + 3
     assert after["feedback"].get("rating", 0) == before["feedback"].get("rating", 0) + 2
