@@ -1,10 +1,10 @@
 """The local stack: `make run` (python -m services.stack).
 
 Starts Redis (embedded unless REDIS_URL is set), the gRPC services, the gateway and the
-console as child processes, registers the demo tenants and their adapters through the gateway's admin
-API, and stops everything on Ctrl-C. A child that dies once the stack is up is restarted,
-with backoff, while the others keep serving. The keys are written to .run/keys.env (mode
-0600) and printed only to a terminal, never into a log.
+console as child processes, registers the demo tenants and their adapters through the
+gateway's admin API, and stops everything on Ctrl-C. A child that dies once the stack is
+up is restarted, with backoff, while the others keep serving. The keys are written to
+.run/keys.env (mode 0600) and printed only to a terminal, never into a log.
 """
 
 from __future__ import annotations

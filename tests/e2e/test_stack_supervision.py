@@ -63,10 +63,11 @@ def test_stack_stops_cleanly_on_ctrl_c(redis_url, tmp_path):
     """A stack of its own (the session's goes on serving the other tests)."""
     own = start_on_free_ports(tmp_path, redis_url, services=["inference"])
     children = psutil.Process(own.process.pid).children()
-    assert len(children) == 2  # inference and the gateway
+    assert len(children) == 3  # inference, the gateway and the console
     own.process.send_signal(signal.SIGINT)
     assert own.process.wait(timeout=60) == 0
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{own.url}/healthz", timeout=2)
+    for url in (f"{own.url}/healthz", f"{own.console_url}/_stcore/health"):
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url, timeout=2)
