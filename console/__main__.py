@@ -22,6 +22,7 @@ def command(port: int, address: str) -> list[str]:
         "--server.headless=true",  # no browser to open, no e-mail prompt
         "--server.fileWatcherType=none",  # no reloading in production
         "--browser.gatherUsageStats=false",
+        "--client.showErrorDetails=type",  # a bug shows its type, never a trace or its data
         "--client.toolbarMode=minimal",
     ]
 
