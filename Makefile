@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PROTOS  := $(shell find protos -name '*.proto')
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup proto browser run test lint format bench model clean
+.PHONY: setup proto browser run test lint format bench model clean deploy-config docs up down
 
 setup: $(STAMP) proto
 
@@ -52,6 +52,23 @@ bench: setup
 model: setup
 	$(BIN)/python -m models.build_base
 	$(BIN)/python -m models.build_adapters
+
+# kustomize reads no file outside deploy/k8s/base: it gets copies of config/*.yaml.
+deploy-config:
+	rm -f deploy/k8s/base/config/*.yaml
+	cp config/*.yaml deploy/k8s/base/config/
+
+# Generated docs and dashboards (tests/deploy fails when the committed ones are stale).
+docs: setup
+	$(BIN)/python docs/gen_api_reference.py
+	$(BIN)/python deploy/grafana/build_dashboards.py
+
+# The compose stack (docs/deploy.md): needs Docker and a .env made from deploy/compose.env.example.
+up:
+	docker compose up -d --build
+
+down:
+	docker compose down
 
 clean:
 	rm -rf loraplex .pytest_cache .ruff_cache

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel, Field
 
 from gateway.deps import GatewayDep, TenantDep
-from gateway.fields import INT32_MAX, Identifier
+from gateway.fields import Identifier, Int32
 from gateway.protojson import proto_to_json
 from loraplex.activelearning.v1 import activelearning_service_pb2 as alpb
 from services.common.errors import InvalidArgument
@@ -44,7 +44,7 @@ def choose(table: dict[str, int], value: str | None, what: str) -> int:
 class SelectBody(BaseModel):
     method: str | None = Field(default=None, description=", ".join(METHODS))
     strategy: str | None = Field(default=None, description=", ".join(STRATEGIES))
-    batch_size: Annotated[int, Field(ge=1, le=INT32_MAX)] = 10
+    batch_size: Int32 = 10  # fits the proto; the service judges the range
     adapter: Identifier = ""
     dry_run: bool = False
 

@@ -26,6 +26,18 @@ DURATION = prometheus_client.Histogram(
     ["tenant", "adapter"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+TOKENS = prometheus_client.Counter(
+    "loraplex_adapter_tokens_total",
+    "Tokens of answered completions by adapter (a bounded set; the rest under _other) and "
+    "kind (prompt, completion).",
+    ["tenant", "adapter", "kind"],
+)
+# Experiments and variants are few and created by admins: no cardinality bound needed.
+EXPERIMENT_REQUESTS = prometheus_client.Counter(
+    "loraplex_experiment_requests_total",
+    "Completions routed through an experiment, by experiment key and assigned variant.",
+    ["experiment", "variant"],
+)
 
 
 class AdapterSeries:
@@ -45,9 +57,19 @@ class AdapterSeries:
         return OTHER, OTHER
 
     def observe(
-        self, tenant: str, adapter: str, code: str, seconds: float, served: bool = True
+        self,
+        tenant: str,
+        adapter: str,
+        code: str,
+        seconds: float,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        served: bool = True,
     ) -> None:
         """`served`: the adapter answered this request (so it exists)."""
         tenant, adapter = self._labels(tenant, adapter, served)
         REQUESTS.labels(tenant, adapter, code).inc()
         DURATION.labels(tenant, adapter).observe(seconds)
+        if prompt_tokens or completion_tokens:
+            TOKENS.labels(tenant, adapter, "prompt").inc(prompt_tokens)
+            TOKENS.labels(tenant, adapter, "completion").inc(completion_tokens)

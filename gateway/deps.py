@@ -83,8 +83,9 @@ class Gateway:
         self.inference_health = health_pb2_grpc.HealthStub(inference_channel)
         # Deadline for every gRPC call made for a request.
         self.timeout = settings.request_timeout_seconds
-        admin = settings.admin_key
+        admin, scraper = settings.admin_key, settings.metrics_key
         self._admin_digest = _digest(admin.get_secret_value()) if admin else None
+        self._metrics_digest = _digest(scraper.get_secret_value()) if scraper else None
         self._model_info: pb.GetModelInfoResponse | None = None
 
     @property
@@ -144,14 +145,20 @@ class Gateway:
         return self.activelearning
 
     def is_admin_key(self, presented: str) -> bool:
-        # Comparing fixed-length digests in constant time leaks neither content nor length.
-        return self._admin_digest is not None and hmac.compare_digest(
-            _digest(presented), self._admin_digest
-        )
+        return _matches(presented, self._admin_digest)
+
+    def is_metrics_key(self, presented: str) -> bool:
+        """The admin key, or the deployment's static metrics key."""
+        return self.is_admin_key(presented) or _matches(presented, self._metrics_digest)
 
 
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
+
+
+def _matches(presented: str, digest: bytes | None) -> bool:
+    # Comparing fixed-length digests in constant time leaks neither content nor length.
+    return digest is not None and hmac.compare_digest(_digest(presented), digest)
 
 
 def get_gateway(request: Request) -> Gateway:
@@ -231,7 +238,7 @@ async def require_metrics_scope(
     request: Request, gateway: GatewayDep, credentials: Credentials
 ) -> None:
     """The Prometheus scrape: the admin key or a metrics key (label values name tenants)."""
-    if credentials is not None and gateway.is_admin_key(credentials.credentials):
+    if credentials is not None and gateway.is_metrics_key(credentials.credentials):
         return
     await authenticate(request, gateway, credentials, {Scope.METRICS})
 

@@ -22,7 +22,7 @@ from enum import StrEnum
 import redis.asyncio as aioredis
 
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
-from services.common.keys import PLATFORM, key
+from services.common.keys import PLATFORM, key, tenants_index
 from services.common.names import check_tenant
 
 API_KEY_PREFIX = "lpx_"
@@ -92,7 +92,7 @@ def _text(value: bytes | str) -> str:
 class TenantKeyStore:
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._tenants = key(PLATFORM, "tenants")  # hash: tenant -> created unix seconds
+        self._tenants = tenants_index()
 
     @staticmethod
     def _index(kid: str) -> str:

@@ -17,6 +17,7 @@ import grpc
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from gateway.adapter_metrics import EXPERIMENT_REQUESTS
 from gateway.deps import CallerDep, Gateway, GatewayDep, TenantDep
 from gateway.keys import Caller
 from gateway.openai_schemas import (
@@ -109,10 +110,20 @@ class _Call:
         served = served if served.name else common_pb2.AdapterRef(name=self.base_id)
         seconds = time.perf_counter() - self.started
         code = outcome.get("code", grpc.StatusCode.OK).name
-        ok = "code" not in outcome
-        gateway.adapter_series.observe(tenant, served.name, code, seconds, served=ok)
-        if "reply" in outcome:
-            gateway.charge_tokens(self.caller, outcome["reply"].usage.total_tokens)
+        usage = outcome["reply"].usage if "reply" in outcome else None
+        gateway.adapter_series.observe(
+            tenant,
+            served.name,
+            code,
+            seconds,
+            usage.prompt_tokens if usage else 0,
+            usage.completion_tokens if usage else 0,
+            served="code" not in outcome,
+        )
+        if usage is not None:
+            gateway.charge_tokens(self.caller, usage.total_tokens)
+        if self.route.in_experiment:
+            EXPERIMENT_REQUESTS.labels(self.route.experiment, self.route.variant).inc()
         if gateway.candidates is not None and "reply" in outcome:  # active-learning candidate
             gateway.candidates.completion(
                 tenant, self.request, outcome["reply"], self.route, self.base_id

@@ -29,6 +29,10 @@ class GatewaySettings(ServiceSettings):
     # The key that unlocks /admin (env LORAPLEX_ADMIN_KEY only: the project-wide name, and
     # no ADMIN_KEY alias to collide with). Unset: the admin API refuses every request.
     admin_key: SecretStr | None = Field(default=None, validation_alias="loraplex_admin_key")
+    # A key for the Prometheus scrape of /metrics and nothing else (env LORAPLEX_METRICS_KEY),
+    # for deployments whose Prometheus is configured before any key can be issued through
+    # the API; metrics keys issued by POST /admin/metrics-keys work as well.
+    metrics_key: SecretStr | None = Field(default=None, validation_alias="loraplex_metrics_key")
     # Deadline of every gRPC call made on behalf of an HTTP request.
     request_timeout_seconds: float = Field(default=120.0, gt=0)
     # Deadline of the Redis and inference checks behind /readyz (kept short: probes time

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import grpc
 import redis.asyncio as aioredis
 
@@ -9,6 +12,7 @@ from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as pb_grp
 from services.activelearning.core import ActiveLearningCore
 from services.activelearning.embedder import ModelEmbedder
 from services.activelearning.forward import FeedbackForwarder
+from services.activelearning.metrics import COLLECTOR
 from services.activelearning.servicer import SERVICE_NAME, ActiveLearningServicer
 from services.activelearning.settings import ActiveLearningSettings
 from services.common.server import Server, ServiceSpec
@@ -41,6 +45,8 @@ def create_server(
             retry_seconds=settings.embed_retry_seconds,
         )
     core = ActiveLearningCore(settings, redis, forwarder, embedder)
+    with contextlib.suppress(RuntimeError):  # no running loop (a test): no queue gauge
+        COLLECTOR.track(core.queue, asyncio.get_running_loop())
     spec = ServiceSpec(
         SERVICE_NAME,
         ActiveLearningServicer(core),

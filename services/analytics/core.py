@@ -33,6 +33,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import prometheus_client
 import redis.asyncio as aioredis
 
@@ -66,6 +67,11 @@ EVENTS_ACCEPTED = prometheus_client.Counter(
 )
 EVENTS_REJECTED = prometheus_client.Counter(
     "loraplex_analytics_events_rejected_total", "Events rejected by RecordBatch.", ["reason"]
+)
+INGEST_LAG = prometheus_client.Histogram(
+    "loraplex_analytics_ingest_lag_seconds",
+    "Age of each RecordBatch's oldest event when the batch arrives (export delay + retries).",
+    buckets=(0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
 )
 DUPLICATE_BATCHES = prometheus_client.Counter(
     "loraplex_analytics_duplicate_batches_total",
@@ -306,6 +312,9 @@ class AnalyticsCore:
         from the protobuf)."""
         self._check_batch(batch_id, len(columns))
         now = time.time() if now is None else now
+        times = np.asarray(columns.time, np.float64)[np.asarray(columns.has_time, bool)]
+        if times.size:
+            INGEST_LAG.observe(max(0.0, now - float(times.min())))
         batch = ingest.Aggregated(columns, now, self.settings, self._labels)
         rejected = batch.rejected
         duplicate = False

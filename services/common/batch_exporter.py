@@ -32,6 +32,11 @@ ITEMS = prometheus_client.Counter(
     "receiving service), dropped (queue full or retries exhausted).",
     ["exporter", "outcome"],
 )
+QUEUED = prometheus_client.Gauge(
+    "loraplex_batch_export_queued_items",
+    "Items waiting in an exporter's in-memory queue (analytics events, candidates, ...).",
+    ["exporter"],
+)
 
 T = TypeVar("T")
 # send(items, batch_id) -> (accepted, rejected) counts. batch_id is the same on every retry
@@ -73,6 +78,7 @@ class BatchExporter(Generic[T]):
             self._wake.set()
 
     def start(self) -> None:
+        QUEUED.labels(self.name).set_function(lambda: len(self._queue))
         self._task = asyncio.create_task(self._run(), name=f"{self.name}-exporter")
 
     async def close(self, timeout_seconds: float = 5.0) -> None:

@@ -24,3 +24,8 @@ def adapter_index(owner: str) -> str:
 def adapter_versions(owner: str, name: str) -> str:
     """Hash: version -> JSON record."""
     return key(owner, "adapter", name, "versions")
+
+
+def tenants_index() -> str:
+    """Hash: tenant -> created unix seconds (written by the gateway; others may read)."""
+    return key(PLATFORM, "tenants")

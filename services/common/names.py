@@ -22,13 +22,17 @@ RECORD_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_UNIT_ID = 256
 
 
-def check_tenant(value: str) -> str:
+def check_lowercase_id(value: str, what: str, reason: str) -> str:
     if not LOWERCASE_ID.fullmatch(value or ""):
         raise InvalidArgument(
-            f"invalid tenant id {value!r}: use 1-63 lowercase letters, digits, '-' or '_'",
-            reason="INVALID_TENANT",
+            f"invalid {what} {value!r}: use 1-63 lowercase letters, digits, '-' or '_'",
+            reason=reason,
         )
     return value
+
+
+def check_tenant(value: str) -> str:
+    return check_lowercase_id(value, "tenant id", "INVALID_TENANT")
 
 
 def check_adapter_name(value: str) -> str:

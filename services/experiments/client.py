@@ -29,7 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.names import LOWERCASE_ID, MAX_UNIT_ID, check_tenant
+from services.common.names import MAX_UNIT_ID, check_lowercase_id, check_tenant
 from services.common.pubsub import ChannelListener
 from services.experiments import assignment
 from services.experiments.keys import (
@@ -67,12 +67,7 @@ return {tonumber(v), created}
 
 
 def check_experiment_key(value: str) -> str:
-    if not LOWERCASE_ID.fullmatch(value or ""):
-        raise InvalidArgument(
-            f"invalid experiment key {value!r}: use 1-63 lowercase letters, digits, '-' or '_'",
-            reason="INVALID_EXPERIMENT_KEY",
-        )
-    return value
+    return check_lowercase_id(value, "experiment key", "INVALID_EXPERIMENT_KEY")
 
 
 def check_unit(unit_id: str) -> None:

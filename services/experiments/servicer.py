@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import prometheus_client
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.experiments.v1 import experiments_service_pb2 as pb
@@ -25,6 +26,12 @@ from services.experiments.results import Recommendation, Results
 from services.experiments.settings import ExperimentsSettings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExperimentsService"].full_name
+SRM_DETECTED = prometheus_client.Gauge(
+    "loraplex_experiment_srm_detected",
+    "1 when the experiment's last computed results (GetResults) flagged a sample-ratio "
+    "mismatch, else 0.",
+    ["tenant", "experiment"],
+)
 
 _STATUS = {
     Status.DRAFT: pb.EXPERIMENT_STATUS_DRAFT,
@@ -280,4 +287,5 @@ class ExperimentsServicer(pb_grpc.ExperimentsServiceServicer):
     async def GetResults(self, request, context):
         exp = await self.store.get(request.tenant, request.key)
         res = await experiment_results(self.store, exp, self.settings, self.analytics)
+        SRM_DETECTED.labels(request.tenant, request.key).set(int(res.srm_detected))
         return results_to_pb(res)

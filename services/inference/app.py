@@ -7,6 +7,7 @@ import redis.asyncio as aioredis
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.server import Server, ServiceSpec
 from services.inference.core import InferenceCore
+from services.inference.metrics import COLLECTOR
 from services.inference.servicer import SERVICE_NAME, InferenceServicer
 from services.inference.settings import InferenceSettings
 
@@ -17,6 +18,7 @@ def create_server(
     """Not started: `await server.start()`, then `await core.start()` (loads the model),
     then `await server.set_ready()` flips health to SERVING."""
     core = InferenceCore(settings, redis)
+    COLLECTOR.track(core)  # /metrics reads its cache and batch state
     spec = ServiceSpec(
         SERVICE_NAME, InferenceServicer(core), pb_grpc.add_InferenceServiceServicer_to_server
     )

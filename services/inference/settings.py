@@ -26,6 +26,7 @@ class InferenceSettings(ServiceSettings):
     extra_yaml_names = ("composition",)
 
     port: int = 50051
+    metrics_port: int = 9151  # Prometheus /metrics (0 turns it off)
     # A local Hugging Face causal-LM directory; the default is the project's own small model.
     model_dir: Path = REPO_ROOT / "models" / "loraplex-tiny"
     # Where registered adapters' files live (one directory per tenant/name/sha256).

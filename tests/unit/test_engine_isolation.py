@@ -17,8 +17,7 @@ from services.common.errors import LoraplexError
 from services.inference.decoding import DecodeSequence, SamplingConfig
 from services.inference.engine import Engine
 from services.inference.lora import LinearShape, LoraModule, LoraWeights
-from services.inference.scheduler import Scheduler
-from services.inference.settings import BatchingLimits, InferenceSettings
+from services.inference.settings import InferenceSettings
 from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, decode_alone, load_lora_weights
 
 PROMPTS = [
@@ -64,21 +63,6 @@ class FailingRunner:
             self.failures += 1
             raise RuntimeError("injected fault")
         return self._engine.forward(input_ids, attention_mask, position_ids, cache, lora)
-
-
-@pytest.fixture
-async def make_scheduler():
-    started: list[Scheduler] = []
-
-    def make(runner, **limits) -> Scheduler:
-        scheduler = Scheduler(runner, BatchingLimits(**limits))
-        scheduler.start()
-        started.append(scheduler)
-        return scheduler
-
-    yield make
-    for scheduler in started:
-        await asyncio.to_thread(scheduler.stop)
 
 
 async def outcome(request) -> str | LoraplexError:

@@ -10,8 +10,7 @@ import pytest
 from services.common.errors import ResourceExhausted
 from services.inference.decoding import DecodeSequence, SamplingConfig
 from services.inference.engine import Engine
-from services.inference.scheduler import Scheduler
-from services.inference.settings import BatchingLimits, InferenceSettings
+from services.inference.settings import InferenceSettings
 from tests.helpers import DEMO_ADAPTERS, DEMO_TENANTS, decode_alone, load_lora_weights
 
 PROMPTS = [
@@ -33,21 +32,6 @@ def adapters(engine):
     return {None: None} | loaded
 
 
-@pytest.fixture
-async def make_scheduler(engine):
-    started: list[Scheduler] = []
-
-    def make(**limits) -> Scheduler:
-        scheduler = Scheduler(engine, BatchingLimits(**limits))
-        scheduler.start()
-        started.append(scheduler)
-        return scheduler
-
-    yield make
-    for scheduler in started:
-        await asyncio.to_thread(scheduler.stop)
-
-
 def sequence(engine, prompt, adapter=None, tokens=16, **config) -> DecodeSequence:
     config.setdefault("temperature", 0)
     return DecodeSequence(engine.encode(prompt), adapter, SamplingConfig(tokens, **config))
@@ -65,7 +49,7 @@ async def test_concurrent_requests_over_different_adapters_equal_decoding_alone(
     alone = [
         decode_alone(engine, engine.encode(p), adapters[a], SamplingConfig(16, 0)) for p, a in rows
     ]
-    scheduler = make_scheduler(max_batch_size=8)
+    scheduler = make_scheduler(engine, max_batch_size=8)
     requests = [scheduler.submit("t", sequence(engine, p, adapters[a])) for p, a in rows]
     results = await asyncio.gather(*(finish(r) for r in requests))
     for (prompt, adapter), solo, chunks in zip(rows, alone, results, strict=True):
@@ -78,7 +62,7 @@ async def test_concurrent_requests_over_different_adapters_equal_decoding_alone(
 
 
 async def test_short_request_is_not_held_behind_a_long_one(engine, make_scheduler):
-    scheduler = make_scheduler(max_batch_size=4)
+    scheduler = make_scheduler(engine, max_batch_size=4)
     long = scheduler.submit("t", sequence(engine, PROMPTS[0], tokens=200, stop=()))
     await asyncio.sleep(0.05)  # the long one is decoding
     short = scheduler.submit("t", sequence(engine, PROMPTS[1], tokens=3))
@@ -91,7 +75,7 @@ async def test_short_request_is_not_held_behind_a_long_one(engine, make_schedule
 
 
 async def test_a_flooding_tenant_does_not_starve_another(engine, make_scheduler):
-    scheduler = make_scheduler(max_batch_size=2, batch_wait_ms=0)
+    scheduler = make_scheduler(engine, max_batch_size=2, batch_wait_ms=0)
     flood = [scheduler.submit("flood", sequence(engine, PROMPTS[0], tokens=6)) for _ in range(16)]
     await asyncio.sleep(0.05)
     polite = [scheduler.submit("polite", sequence(engine, PROMPTS[1], tokens=6)) for _ in range(3)]
@@ -106,7 +90,9 @@ async def test_a_flooding_tenant_does_not_starve_another(engine, make_scheduler)
 
 
 async def test_full_queue_is_refused_at_once_and_per_tenant(engine, make_scheduler):
-    scheduler = make_scheduler(max_batch_size=1, max_queued_requests=3, max_queued_per_tenant=2)
+    scheduler = make_scheduler(
+        engine, max_batch_size=1, max_queued_requests=3, max_queued_per_tenant=2
+    )
     running = scheduler.submit("a", sequence(engine, PROMPTS[0], tokens=300, stop=()))
     await asyncio.sleep(0.05)  # admitted: the one row is busy
     queued = [scheduler.submit("a", sequence(engine, PROMPTS[0])) for _ in range(2)]
@@ -123,7 +109,7 @@ async def test_full_queue_is_refused_at_once_and_per_tenant(engine, make_schedul
 
 
 async def test_cancelled_request_leaves_the_batch_and_others_go_on(engine, make_scheduler):
-    scheduler = make_scheduler(max_batch_size=4)
+    scheduler = make_scheduler(engine, max_batch_size=4)
     doomed = scheduler.submit("t", sequence(engine, PROMPTS[0], tokens=400, stop=()))
     other = scheduler.submit("t", sequence(engine, PROMPTS[1], tokens=8))
     await asyncio.sleep(0.05)
@@ -139,7 +125,7 @@ async def test_cancelled_request_leaves_the_batch_and_others_go_on(engine, make_
 
 
 async def test_streamed_text_never_shows_a_stop_string(engine, adapters, make_scheduler):
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(engine)
     seq = sequence(engine, PROMPTS[0], adapters["retailer"], tokens=120, stop=("\nCustomer:",))
     chunks = await finish(scheduler.submit("t", seq))
     final = chunks[-1].generation
@@ -149,7 +135,7 @@ async def test_streamed_text_never_shows_a_stop_string(engine, adapters, make_sc
 
 
 async def test_unstreamed_request_gets_one_chunk_with_everything(engine, make_scheduler):
-    scheduler = make_scheduler()
+    scheduler = make_scheduler(engine)
     streamed = await finish(scheduler.submit("t", sequence(engine, PROMPTS[0], tokens=12)))
     whole = await finish(scheduler.submit("t", sequence(engine, PROMPTS[0], tokens=12), False))
     assert len(whole) == 1 and len(streamed) > 1
@@ -159,7 +145,7 @@ async def test_unstreamed_request_gets_one_chunk_with_everything(engine, make_sc
 async def test_a_tenant_back_from_idle_has_no_saved_up_credit(engine, make_scheduler):
     """docs/composition.md: an idle tenant joins at the smallest counter of the busy ones.
     A tenant served little long ago must not then take every slot until it catches up."""
-    scheduler = make_scheduler(max_batch_size=1, batch_wait_ms=0)
+    scheduler = make_scheduler(engine, max_batch_size=1, batch_wait_ms=0)
     await finish(scheduler.submit("early", sequence(engine, PROMPTS[0], tokens=2)))
     busy = [scheduler.submit("busy", sequence(engine, PROMPTS[1], tokens=6)) for _ in range(10)]
     await asyncio.gather(*(finish(r) for r in busy[:5]))  # "busy" has been served a lot

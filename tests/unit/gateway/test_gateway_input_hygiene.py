@@ -59,7 +59,6 @@ async def test_a_surrogate_pair_is_a_character_and_passes(client, bank, fake) ->
     ("method", "path", "kwargs"),
     [
         ("post", "/active-learning/select", {"json": {"batch_size": 2**40}}),
-        ("post", "/active-learning/select", {"json": {"batch_size": 0}}),
         (
             "post",
             "/feedback",

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
+from gateway.app import create_app
 from services.common.errors import InvalidArgument
 from tests.unit.gateway.fake_inference import (
     ADMIN_KEY,
@@ -14,6 +16,7 @@ from tests.unit.gateway.fake_inference import (
     NewTenant,
     adapter_info,
     assert_error,
+    gateway_settings,
 )
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -117,3 +120,20 @@ async def test_metric_labels_carry_only_adapters_that_served(
     text = (await client.get("/metrics", headers=ADMIN)).text
     assert made_up not in text
     assert 'adapter="fraud"' in text
+
+
+async def test_the_deployments_static_metrics_key_reads_metrics_and_nothing_else(
+    inference, redis_client, channel
+) -> None:
+    settings = gateway_settings(inference.addr).model_copy(
+        update={"metrics_key": SecretStr("lpx_metrics_static")}
+    )
+    app = create_app(settings, redis=redis_client, inference_channel=channel)
+    transport = httpx.ASGITransport(app, raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        scraper = {"Authorization": "Bearer lpx_metrics_static"}
+        assert (await client.get("/metrics", headers=scraper)).status_code == 200
+        wrong = {"Authorization": "Bearer lpx_metrics_statiC"}
+        assert_error(await client.get("/metrics", headers=wrong), 401, "UNAUTHENTICATED")
+        assert_error(await client.get("/admin/tenants", headers=scraper), 401, "UNAUTHENTICATED")
+        assert_error(await client.get("/v1/models", headers=scraper), 401, "UNAUTHENTICATED")
