@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 PROTOS  := $(shell find protos -name '*.proto')
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup proto run test lint format bench model clean deploy-config docs up down
+.PHONY: setup proto browser run test lint format bench model clean deploy-config docs up down
 
 setup: $(STAMP) proto
 
@@ -26,7 +26,15 @@ loraplex/.generated: $(PROTOS)
 run: setup
 	$(BIN)/python -m services.stack
 
-test: setup
+# The console's browser tests (marker `browser`) drive Debian's chromium through playwright
+# (its own browser download is not reachable here); installed once, when missing.
+CHROMIUM ?= /usr/bin/chromium
+SUDO    := $(if $(filter 0,$(shell id -u)),,sudo)
+browser:
+	@test -x $(CHROMIUM) || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium; }
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 lint: setup

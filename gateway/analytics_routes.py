@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from google.protobuf.duration_pb2 import Duration
 
 from gateway.deps import GatewayDep, TenantDep
-from gateway.fields import INT32_MAX
+from gateway.fields import INT32_MAX, UINT32_MAX
 from gateway.protojson import proto_to_json
 from loraplex.analytics.v1 import analytics_service_pb2 as apb
 from services.common.errors import InvalidArgument
@@ -39,12 +39,29 @@ def parse_window(window: str) -> Duration:
     return Duration(seconds=int(match["n"]) * _SECONDS[match["unit"]])
 
 
+Version = Annotated[
+    int | None, Query(ge=1, le=UINT32_MAX, description="only this adapter version's requests")
+]
+_RESOLUTIONS = {"minute": apb.RESOLUTION_MINUTE, "hour": apb.RESOLUTION_HOUR}
+
+
+def series_filter(version: int | None) -> apb.SeriesFilter:
+    return apb.SeriesFilter(version=version) if version is not None else apb.SeriesFilter()
+
+
 @router.get("/adapters/{adapter_id}")
 async def adapter_metrics(
-    adapter_id: str, tenant: TenantDep, gateway: GatewayDep, window: Window = "1h"
+    adapter_id: str,
+    tenant: TenantDep,
+    gateway: GatewayDep,
+    window: Window = "1h",
+    version: Version = None,
 ) -> dict[str, Any]:
     request = apb.GetAdapterMetricsRequest(
-        tenant=tenant, adapter=adapter_id, window=parse_window(window)
+        tenant=tenant,
+        adapter=adapter_id,
+        window=parse_window(window),
+        filter=series_filter(version),
     )
     reply = await gateway.require_analytics().GetAdapterMetrics(request, timeout=gateway.timeout)
     return proto_to_json(reply)
@@ -72,3 +89,28 @@ async def top_performers(
     )
     reply = await gateway.require_analytics().TopAdapters(request, timeout=gateway.timeout)
     return {"metric": metric, "window": window, **proto_to_json(reply)}
+
+
+@router.get("/adapters/{adapter_id}/timeseries")
+async def adapter_timeseries(
+    adapter_id: str,
+    tenant: TenantDep,
+    gateway: GatewayDep,
+    window: Window = "1h",
+    version: Version = None,
+    resolution: Annotated[str, Query(description="minute or hour; default by window")] = "",
+) -> dict[str, Any]:
+    """One point per bucket, oldest first, empty buckets included."""
+    if resolution and resolution not in _RESOLUTIONS:
+        raise InvalidArgument(
+            f"resolution must be one of {', '.join(_RESOLUTIONS)}", reason="BAD_RESOLUTION"
+        )
+    request = apb.GetTimeseriesRequest(
+        tenant=tenant,
+        adapter=adapter_id,
+        window=parse_window(window),
+        resolution=_RESOLUTIONS.get(resolution, apb.RESOLUTION_UNSPECIFIED),
+        filter=series_filter(version),
+    )
+    reply = await gateway.require_analytics().GetTimeseries(request, timeout=gateway.timeout)
+    return proto_to_json(reply)

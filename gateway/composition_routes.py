@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.deps import GatewayDep, TenantDep
 from gateway.fields import UINT32_MAX
+from gateway.openai_routes import list_visible_adapters
 from gateway.protojson import proto_to_json
 from loraplex.inference.v1 import inference_service_pb2 as pb
 
@@ -60,6 +61,13 @@ async def rollback_adapter(
     request = pb.RollbackAdapterRequest(tenant=tenant, name=body.adapter)
     reply = await gateway.inference.RollbackAdapter(request, timeout=gateway.timeout)
     return proto_to_json(reply)
+
+
+@router.get("/adapters")
+async def list_adapters(tenant: TenantDep, gateway: GatewayDep) -> dict[str, Any]:
+    """The caller's adapters at their serving versions, then the platform's shared ones."""
+    adapters = [proto_to_json(a) async for a in list_visible_adapters(gateway, tenant)]
+    return {"adapters": adapters}
 
 
 @router.get("/stats")

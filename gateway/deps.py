@@ -32,10 +32,14 @@ from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.analytics_exporter import AnalyticsExporter, analytics_outbox
 from services.common.batch_exporter import BatchExporter
-from services.common.errors import PermissionDenied, Unauthenticated, Unavailable
+from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from services.experiments.client import ExperimentsClient
 
 log = logging.getLogger(__name__)
+
+# With the admin key, a tenant's routes act for the tenant this header names.
+ACT_FOR_TENANT = "X-Loraplex-Tenant"
+ADMIN_KEY_ID = "admin"  # the key id the admin's calls for a tenant are limited under
 
 
 class Gateway:
@@ -187,6 +191,8 @@ async def authenticate(
             "missing API key: send the header 'Authorization: Bearer <key>'",
             reason="API_KEY_MISSING",
         )
+    if Scope.TENANT in allowed and gateway.is_admin_key(credentials.credentials):
+        return await _admin_for_tenant(request, gateway)
     caller = await gateway.keys.resolve(credentials.credentials)
     if caller is None:
         raise Unauthenticated("invalid API key", reason="API_KEY_INVALID")
@@ -199,6 +205,23 @@ async def authenticate(
     if caller.scope is Scope.METRICS:
         return caller
     ceiling = await gateway.limits.admit(caller.tenant, caller.key_id)
+    return replace(caller, max_tokens_per_request=ceiling)
+
+
+async def _admin_for_tenant(request: Request, gateway: Gateway) -> Caller:
+    """The admin key on a tenant's route acts for the tenant its ACT_FOR_TENANT header
+    names (the console's tenant picker), with that tenant's limits; audited as the admin."""
+    tenant = request.headers.get(ACT_FOR_TENANT, "")
+    if not tenant:
+        raise InvalidArgument(
+            f"the admin key acts for a tenant: name it in the {ACT_FOR_TENANT} header",
+            reason="TENANT_REQUIRED",
+        )
+    await gateway.keys.require_tenant(tenant)
+    request.state.actor = "admin"
+    caller = Caller(tenant, Scope.TENANT, ADMIN_KEY_ID)
+    request.state.caller = caller
+    ceiling = await gateway.limits.admit(tenant, ADMIN_KEY_ID)
     return replace(caller, max_tokens_per_request=ceiling)
 
 

@@ -340,7 +340,9 @@ async def create_chat_completion(
     )
 
 
-async def _adapters(gateway: Gateway, tenant: str) -> AsyncIterator[common_pb2.AdapterInfo]:
+async def list_visible_adapters(
+    gateway: Gateway, tenant: str
+) -> AsyncIterator[common_pb2.AdapterInfo]:
     token = ""
     while True:
         page = await gateway.inference.ListAdapters(
@@ -359,7 +361,7 @@ async def list_models(tenant: TenantDep, gateway: GatewayDep) -> dict[str, Any]:
     info = await gateway.model_info()
     # The base model has no registration time; 0 is what the field allows for "unknown".
     data = [{"id": info.model_id, "object": "model", "created": 0, "owned_by": "platform"}]
-    async for adapter in _adapters(gateway, tenant):
+    async for adapter in list_visible_adapters(gateway, tenant):
         data.append(
             {
                 "id": adapter.name,

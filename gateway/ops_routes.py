@@ -1,6 +1,7 @@
 """Probes and metrics: /healthz (the process answers), /readyz (its dependencies answer),
 /metrics (Prometheus, with the admin key or a metrics-scope key: its labels name tenants and
-adapters). The probes need no key: they reveal nothing but up or down."""
+adapters). The probes need no key: they reveal nothing but up or down. /whoami tells a key
+its own scope and tenant."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import logging
 
 import grpc
 import prometheus_client
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from grpc_health.v1 import health_pb2
 
-from gateway.deps import Gateway, GatewayDep, require_metrics_scope
+from gateway.deps import Credentials, Gateway, GatewayDep, authenticate, require_metrics_scope
+from gateway.keys import Scope
 from loraplex.inference.v1 import inference_service_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -66,3 +68,16 @@ async def metrics() -> Response:
     return Response(
         prometheus_client.generate_latest(), media_type=prometheus_client.CONTENT_TYPE_LATEST
     )
+
+
+@router.get("/whoami")
+async def whoami(request: Request, gateway: GatewayDep, credentials: Credentials) -> dict[str, str]:
+    """Who the presented key is: its scope ("admin" for the admin key) and tenant (empty for
+    the admin and metrics keys). The console signs in with it."""
+    if credentials is not None and gateway.is_admin_key(credentials.credentials):
+        return {"scope": "admin", "tenant": ""}
+    caller = await authenticate(request, gateway, credentials, set(Scope))
+    return {
+        "scope": caller.scope.value,
+        "tenant": "" if caller.scope is Scope.METRICS else caller.tenant,
+    }

@@ -1,10 +1,10 @@
 """The local stack: `make run` (python -m services.stack).
 
-Starts Redis (embedded unless REDIS_URL is set), the gRPC services and the gateway as
-child processes, registers the demo tenants and their adapters through the gateway's admin
-API, and stops everything on Ctrl-C. A child that dies once the stack is up is restarted,
-with backoff, while the others keep serving. The keys are written to .run/keys.env (mode
-0600) and printed only to a terminal, never into a log.
+Starts Redis (embedded unless REDIS_URL is set), the gRPC services, the gateway and the
+console as child processes, registers the demo tenants and their adapters through the
+gateway's admin API, and stops everything on Ctrl-C. A child that dies once the stack is
+up is restarted, with backoff, while the others keep serving. The keys are written to
+.run/keys.env (mode 0600) and printed only to a terminal, never into a log.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def grpc_serving(addr: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def http_ready(url: str) -> bool:
+def http_ready(url: str, path: str = "/readyz") -> bool:
     try:
-        return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        return httpx.get(f"{url}{path}", timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
 
@@ -184,6 +184,7 @@ class LocalStack:
     admin_key: str
     process: subprocess.Popen
     run_dir: Path
+    console_url: str = ""
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGINT)
@@ -200,13 +201,14 @@ def start_on_free_ports(
     """`python -m services.stack` with its services (all, or `services`) on free ports, demo
     tenants seeded; returns once the keys are written. Output goes to run_dir/stack.log."""
     admin_key = "lpx_admin_" + secrets.token_urlsafe(12)
-    gateway_port = free_port()
+    gateway_port, console_port = free_port(), free_port()
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "LORAPLEX_RUN_DIR": str(run_dir),
         **{f"{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in GRPC_SERVICES},
         "GATEWAY_PORT": str(gateway_port),
+        "CONSOLE_PORT": str(console_port),
         "METRICS_PORT": "0",
         "LORAPLEX_ADMIN_KEY": admin_key,
         **(env or {}),
@@ -227,7 +229,8 @@ def start_on_free_ports(
             raise RuntimeError(f"the stack did not start:\n{tail}")
         time.sleep(0.3)
     url = f"http://127.0.0.1:{gateway_port}"
-    return LocalStack(url, read_keys(keys_file), admin_key, process, run_dir)
+    console_url = f"http://127.0.0.1:{console_port}"
+    return LocalStack(url, read_keys(keys_file), admin_key, process, run_dir, console_url)
 
 
 def main() -> int:
@@ -281,6 +284,11 @@ def main() -> int:
     children.append(
         Child("gateway", [sys.executable, "-m", "gateway"], {**env, "PORT": str(gateway_port)})
     )
+    # The console is a client of the gateway's HTTP API and nothing else.
+    console_port = int(os.environ.get("CONSOLE_PORT", "8501"))
+    console_url = f"http://127.0.0.1:{console_port}"
+    console_env = {**env, "LORAPLEX_URL": url, "CONSOLE_PORT": str(console_port)}
+    children.append(Child("console", [sys.executable, "-m", "console"], console_env))
     stop_requested = False
 
     def request_stop(*_: object) -> None:
@@ -295,9 +303,16 @@ def main() -> int:
             addr = env[f"{name.upper()}_ADDR"]
             wait_until(lambda a=addr: grpc_serving(a), f"{name} at {addr}", deadline, children)
         wait_until(lambda: http_ready(url), f"gateway at {url}", deadline, children)
+        wait_until(
+            lambda: http_ready(console_url, "/_stcore/health"),
+            f"console at {console_url}",
+            deadline,
+            children,
+        )
         keys = {} if args.no_demo else seed_demo(url, admin_key, known)
         write_keys(keys_file, {"LORAPLEX_URL": url, "LORAPLEX_ADMIN_KEY": admin_key, **keys})
         print(f"\nloraplex is running at {url}  (Ctrl-C stops it)", flush=True)
+        print(f"  console        {console_url}  (sign in with a key below)")
         # Keys go to a terminal only: stdout redirected to a file would be a log of secrets.
         show = sys.stdout.isatty()
         print(f"  admin key      {admin_key if show else '(in the keys file)'}")

@@ -110,6 +110,7 @@ def metrics_stack(tmp_path_factory) -> Iterator[dict]:
         "LORAPLEX_CONFIG_DIR": str(config),
         "LORAPLEX_ADMIN_KEY": admin_key,
         "GATEWAY_PORT": str(gateway_port),
+        "CONSOLE_PORT": str(free_port()),
         **{f"{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in GRPC_SERVICES},
     }
     log = (run_dir / "stack.log").open("w")

@@ -1,0 +1,1 @@
+"""The loraplex console: a Streamlit app over the gateway's HTTP API."""

@@ -1,0 +1,1 @@
+"""One module per console tab, each with render(api)."""

@@ -1,0 +1,178 @@
+"""The Training tab (the product spec's Custom Training UI, zero-code) in Streamlit's own
+test runner.
+
+Against the real stack it must say plainly when the gateway has no training routes (404) or
+no training service (503). The training routes (issue 11) are built beside this console; until
+they are on the gateway, the workflow is checked against a stand-in that answers as issue 11's
+contract says (gateway/training_routes.py on the training branch): a job that advances one
+step per read, its candidate, promotion.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import pytest
+
+from console.client import Gateway
+from tests.e2e.console.conftest import ConsoleTenant, no_errors, tab_test, texts
+
+pytestmark = [pytest.mark.e2e]
+
+NOT_AVAILABLE = "Training service not available."
+
+
+def test_the_real_gateway_says_whether_training_is_there(console_tenant: ConsoleTenant) -> None:
+    at = tab_test("training", console_tenant.api()).run()
+    assert not at.exception and not at.error
+    status = console_tenant.http().get("/training/jobs").status_code
+    if status in (404, 503):
+        assert NOT_AVAILABLE in at.info[0].value
+        assert not at.button and not at.get("form")
+    else:  # the training routes have landed: the workflow is offered
+        assert status == 200
+        assert NOT_AVAILABLE not in texts(at)
+        assert "Start training" in [b.label for b in at.button]
+
+
+class FakeTraining:
+    """Issue 11's /training routes for one tenant, in memory; every read of a running job
+    advances it one step, so a watcher sees it progress and finish."""
+
+    STEPS = 4
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, dict] = {}
+        self.created: list[dict] = []
+        self.actions: list[str] = []
+        self.candidate_state = "CANDIDATE_STATE_CANDIDATE"
+
+    def job(self, job_id: str, body: dict) -> dict:
+        return {
+            "id": job_id,
+            "tenant": "t",
+            "adapter": body["adapter"],
+            "method": "TRAINING_METHOD_" + body["method"].upper(),
+            "state": "JOB_STATE_QUEUED",
+            "data_source": next(iter(body["data"])),
+            "progress": {
+                "step": 0,
+                "total_steps": self.STEPS,
+                "epoch": 0,
+                "loss": 0.0,
+                "tokens_per_second": 0.0,
+                "eta_seconds": 0.0,
+            },
+            "candidate": {"name": "", "version": 0},
+            "record": {},
+            "error_reason": "",
+            "error_message": "",
+        }
+
+    def advance(self, job: dict) -> None:
+        p = job["progress"]
+        if job["state"] in ("JOB_STATE_QUEUED", "JOB_STATE_RUNNING"):
+            p["step"] += 1
+            p["loss"], p["eval_loss"] = 2.0 / p["step"], 2.2 / p["step"]
+            p["tokens_per_second"], p["eta_seconds"] = 900.0, self.STEPS - p["step"]
+            job["state"] = "JOB_STATE_RUNNING"
+            if p["step"] == self.STEPS:
+                job["state"] = "JOB_STATE_SUCCEEDED"
+                job["candidate"] = {"name": job["adapter"], "version": 2}
+                job["record"] = {"eval_loss_before": 2.5, "eval_loss": p["eval_loss"]}
+
+    def candidates(self) -> list[dict]:
+        return [
+            {
+                "adapter": j["candidate"],
+                "state": self.candidate_state,
+                "job_id": j["id"],
+                "record": j["record"],
+            }
+            for j in self.jobs.values()
+            if j["state"] == "JOB_STATE_SUCCEEDED"
+        ]
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path, method = request.url.path, request.method
+        if path == "/composition/adapters":
+            return httpx.Response(200, json={"adapters": [{"name": "support", "shared": False}]})
+        if path == "/training/jobs" and method == "GET":
+            return httpx.Response(200, json={"jobs": list(self.jobs.values())[::-1]})
+        if path == "/training/jobs" and method == "POST":
+            body = json.loads(request.content)
+            self.created.append(body)
+            if not body["adapter"]:
+                error = {"code": 400, "status": "INVALID_ARGUMENT", "message": "name the adapter"}
+                error["details"] = [{"reason": "BAD_ADAPTER_NAME"}]
+                return httpx.Response(400, json={"error": error})
+            job_id = f"job-{len(self.jobs) + 1}"
+            self.jobs[job_id] = self.job(job_id, body)
+            return httpx.Response(201, json=self.jobs[job_id])
+        if match := re.fullmatch(r"/training/jobs/([\w-]+)", path):
+            job = self.jobs[match[1]]
+            self.advance(job)
+            return httpx.Response(200, json=job)
+        if path == "/training/candidates":
+            return httpx.Response(200, json={"candidates": self.candidates()})
+        if match := re.fullmatch(r"/training/candidates/(.+@\d+)/(\w+)", path):
+            self.actions.append(f"{match[2]} {match[1]}")
+            self.candidate_state = "CANDIDATE_STATE_PROMOTED"
+            return httpx.Response(200, json={"candidate": self.candidates()[0]})
+        return httpx.Response(404, json={"error": {"code": 404, "message": "Not Found"}})
+
+
+def test_train_watch_to_100_percent_and_promote() -> None:
+    fake = FakeTraining()
+    api = Gateway("http://gateway", "lpx_key", transport=httpx.MockTransport(fake))
+    at = tab_test("training", api).run()
+    no_errors(at)
+    assert NOT_AVAILABLE not in texts(at)
+    at.button[0].click().run()  # Start training, the defaults kept
+    no_errors(at)
+    assert fake.created == [
+        {
+            "adapter": "support",
+            "method": "sft",
+            "data": {"feedback": {}},
+            "params": {},
+            "init_adapter": {"name": "support"},
+        }
+    ]
+    seen = []
+    for _ in range(2 * FakeTraining.STEPS):
+        seen.append(at.get("progress")[0].proto.text)
+        if seen[-1].startswith("succeeded"):
+            break
+        at.run()
+        no_errors(at)
+    assert seen[0].startswith("running: step 1 of 4 (25%)")
+    assert seen[-1] == "succeeded: step 4 of 4 (100%)"
+    assert at.get("vega_lite_chart"), "the loss chart"
+    assert "Candidate support@2: held-out loss 2.5000 → 0.5500" in texts(at)
+    at.button(key="cand_promote").click().run()
+    no_errors(at)
+    assert fake.actions == ["promote support@2"]
+    assert at.dataframe[-1].value["state"].tolist() == ["promoted"]
+
+
+def test_refusals_and_missing_routes_read_as_messages() -> None:
+    fake = FakeTraining()
+    api = Gateway("http://gateway", "lpx_key", transport=httpx.MockTransport(fake))
+    at = tab_test("training", api).run()
+    at.text_input[0].input("")
+    at.button[0].click().run()
+    assert not at.exception
+    assert at.error[0].value == "name the adapter (BAD_ADAPTER_NAME, HTTP 400)"
+
+    def disabled(request: httpx.Request) -> httpx.Response:
+        error = {"code": 503, "status": "UNAVAILABLE", "message": "training is not configured"}
+        error["details"] = [{"reason": "TRAINING_DISABLED"}]
+        return httpx.Response(503, json={"error": error})
+
+    api = Gateway("http://gateway", "lpx_key", transport=httpx.MockTransport(disabled))
+    at = tab_test("training", api).run()
+    assert not at.exception and not at.error
+    assert NOT_AVAILABLE in at.info[0].value and "TRAINING_DISABLED" in at.info[0].value
