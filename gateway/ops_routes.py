@@ -76,6 +76,8 @@ async def whoami(request: Request, gateway: GatewayDep, credentials: Credentials
     the admin and metrics keys). The console signs in with it."""
     if credentials is not None and gateway.is_admin_key(credentials.credentials):
         return {"scope": "admin", "tenant": ""}
+    if credentials is not None and gateway.is_metrics_key(credentials.credentials):
+        return {"scope": Scope.METRICS.value, "tenant": ""}  # the deployment's static key
     caller = await authenticate(request, gateway, credentials, set(Scope))
     return {
         "scope": caller.scope.value,

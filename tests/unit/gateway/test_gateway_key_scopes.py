@@ -133,6 +133,8 @@ async def test_the_deployments_static_metrics_key_reads_metrics_and_nothing_else
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         scraper = {"Authorization": "Bearer lpx_metrics_static"}
         assert (await client.get("/metrics", headers=scraper)).status_code == 200
+        who = await client.get("/whoami", headers=scraper)
+        assert who.json() == {"scope": "metrics", "tenant": ""}
         wrong = {"Authorization": "Bearer lpx_metrics_statiC"}
         assert_error(await client.get("/metrics", headers=wrong), 401, "UNAUTHENTICATED")
         assert_error(await client.get("/admin/tenants", headers=scraper), 401, "UNAUTHENTICATED")
