@@ -77,10 +77,10 @@ def test_loraplex_containers_are_locked_down(variant: str) -> None:
         assert s["read_only"] is True and s["cap_drop"] == ["ALL"], name
         assert "no-new-privileges:true" in s["security_opt"], name
         assert s["tmpfs"] == ["/tmp"], name  # the one writable place besides volumes
-    # Only the gateway, Grafana and Prometheus publish ports, on loopback only.
+    # Only the gateway, the console, Grafana and Prometheus publish ports, on loopback only.
     for name, s in services.items():
         for port in s.get("ports", []):
-            assert name in {"gateway", "grafana", "prometheus"}, name
+            assert name in {"gateway", "console", "grafana", "prometheus"}, name
             assert port["host_ip"] == "127.0.0.1", name
 
 

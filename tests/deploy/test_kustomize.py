@@ -113,7 +113,9 @@ def test_production_scales_protects_and_isolates() -> None:
     docs = overlay("production")
     deployments = by_kind(docs, "Deployment")
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert set(hpas) == set(deployments) - {"inference"}  # the stateless ones
+    # The stateless ones; the console keeps each user's session in its process (one replica,
+    # or sticky sessions at the ingress).
+    assert set(hpas) == set(deployments) - {"inference", "console"}
     for name, hpa in hpas.items():
         assert hpa["spec"]["scaleTargetRef"]["name"] == name
         assert hpa["spec"]["minReplicas"] >= 2
@@ -123,13 +125,13 @@ def test_production_scales_protects_and_isolates() -> None:
         assert d["spec"]["template"]["spec"]["topologySpreadConstraints"], name
     policies = by_kind(docs, "NetworkPolicy")
     assert policies["default-deny-ingress"]["spec"]["podSelector"] == {}
-    # Only the gateway takes ingress from anywhere (a rule without `from`).
+    # Only the gateway and the console take ingress from anywhere (a rule without `from`).
     open_to_all = {
         p["spec"]["podSelector"]["matchLabels"]["app"]
         for p in policies.values()
         if any("from" not in rule for rule in p["spec"].get("ingress", []))
     }
-    assert open_to_all == {"gateway"}
+    assert open_to_all == {"gateway", "console"}
     gateway_env = deployments["gateway"]["spec"]["template"]["spec"]["containers"][0]["env"]
     admin = next(v for v in gateway_env if v["name"] == "LORAPLEX_ADMIN_KEY")
     assert admin["valueFrom"]["secretKeyRef"]["optional"] is False
