@@ -29,7 +29,7 @@ async def serve(settings: GatewaySettings) -> None:
     channel = open_channel(settings.inference_addr)
     resources.push_async_callback(channel.close)
     optional = {}
-    for name in ("analytics", "experiments", "activelearning"):
+    for name in ("analytics", "experiments", "activelearning", "training"):
         addr = getattr(settings, f"{name}_addr")
         if addr:
             optional[f"{name}_channel"] = open_channel(addr)

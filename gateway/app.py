@@ -18,6 +18,7 @@ from gateway import (
     feedback_routes,
     openai_routes,
     ops_routes,
+    training_routes,
 )
 from gateway.deps import Gateway
 from gateway.errors import install_error_handlers
@@ -33,6 +34,7 @@ def create_app(
     analytics_channel: grpc.aio.Channel | None = None,
     experiments_channel: grpc.aio.Channel | None = None,
     activelearning_channel: grpc.aio.Channel | None = None,
+    training_channel: grpc.aio.Channel | None = None,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
 ) -> FastAPI:
     """The caller owns `redis` and `inference_channel`; `on_shutdown` (e.g. closing them)
@@ -46,6 +48,7 @@ def create_app(
         analytics_channel,
         experiments_channel,
         activelearning_channel,
+        training_channel,
     )
 
     @asynccontextmanager
@@ -81,11 +84,16 @@ def create_app(
     app.include_router(active_learning_routes.router)
     app.include_router(feedback_routes.router)
     app.include_router(ops_routes.router)
+    app.include_router(training_routes.router)
+    app.include_router(training_routes.admin_router)
     # Added last = outermost: metrics also count the 413s and 500s the others produce.
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_request_bytes,
-        prefix_limits={admin_routes.router.prefix + "/": settings.max_upload_bytes},
+        prefix_limits={
+            admin_routes.router.prefix + "/": settings.max_upload_bytes,
+            training_routes.router.prefix + "/jobs": settings.max_upload_bytes,  # datasets
+        },
     )
     app.add_middleware(UnhandledErrorMiddleware)
     app.add_middleware(MetricsMiddleware)

@@ -25,6 +25,7 @@ from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from loraplex.training.v1 import training_service_pb2_grpc as tpb_grpc
 from services.common.analytics_exporter import AnalyticsExporter
 from services.common.errors import Unauthenticated, Unavailable
 from services.experiments.client import ExperimentsClient
@@ -39,8 +40,10 @@ class Gateway:
         analytics_channel: grpc.aio.Channel | None = None,
         experiments_channel: grpc.aio.Channel | None = None,
         activelearning_channel: grpc.aio.Channel | None = None,
+        training_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.settings = settings
+        self.training = tpb_grpc.TrainingServiceStub(training_channel) if training_channel else None
         # Active learning: every completion becomes a candidate (off the request path).
         self.activelearning = (
             alpb_grpc.ActiveLearningServiceStub(activelearning_channel)
@@ -108,6 +111,14 @@ class Gateway:
                 reason="ACTIVELEARNING_DISABLED",
             )
         return self.activelearning
+
+    def require_training(self) -> tpb_grpc.TrainingServiceStub:
+        if self.training is None:
+            raise Unavailable(
+                "training is not configured on this gateway (TRAINING_ADDR)",
+                reason="TRAINING_DISABLED",
+            )
+        return self.training
 
     def is_admin_key(self, presented: str) -> bool:
         # Comparing fixed-length digests in constant time leaks neither content nor length.

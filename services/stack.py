@@ -34,6 +34,7 @@ GRPC_SERVICES = {
     "analytics": 50052,
     "experiments": 50053,
     "activelearning": 50054,
+    "training": 50055,
 }
 
 
@@ -198,6 +199,7 @@ def main() -> int:
         "REDIS_URL": os.environ.get("REDIS_URL") or embedded.url,
         "LORAPLEX_ADMIN_KEY": admin_key,
         "ADAPTER_STORE_DIR": os.environ.get("ADAPTER_STORE_DIR", str(run_dir / "adapter-store")),
+        "TRAINING_DIR": os.environ.get("TRAINING_DIR", str(run_dir / "training")),
     }
     # Each gRPC service listens where <NAME>_ADDR says; the gateway reads the same names (and
     # treats a service without an address as not deployed).

@@ -17,7 +17,7 @@ class TrainingSettings(ServiceSettings):
     # The base model trained on: the same directory the inference service serves.
     model_dir: Path = REPO_ROOT / "models" / "loraplex-tiny"
     # Checkpoints and job files, one directory per job id (shared by every worker).
-    work_dir: Path = REPO_ROOT / ".run" / "training"
+    training_dir: Path = REPO_ROOT / ".run" / "training"
     inference_addr: str = "127.0.0.1:50051"
     activelearning_addr: str | None = None
     experiments_addr: str | None = None
@@ -62,7 +62,7 @@ class TrainingSettings(ServiceSettings):
     # How often experiments of auto-promoting candidates are checked.
     auto_promote_interval_seconds: float = 60.0
 
-    @field_validator("model_dir", "work_dir")
+    @field_validator("model_dir", "training_dir")
     @classmethod
     def _relative_to_repo(cls, path: Path) -> Path:
         return path if path.is_absolute() else REPO_ROOT / path

@@ -4,10 +4,10 @@ A Worker runs up to `worker_concurrency` jobs at once, each in a thread (trainin
 blocking), with one asyncio loop that claims jobs (round-robin over tenants, at most
 `max_running_per_tenant` of a tenant's jobs running across all workers), renews their
 leases, and puts back the jobs of workers that died (their leases expired). A job put back
-resumes from its last checkpoint in <work_dir>/<job id>/checkpoints, wherever it runs next.
+resumes from its last checkpoint in <training_dir>/<job id>/checkpoints, wherever it runs next.
 
 `python -m services.training.worker` runs a standalone worker process (more capacity, or
-training on other machines that share work_dir and Redis); the service also runs
+training on other machines that share training_dir and Redis); the service also runs
 `embedded_workers` workers in its own process.
 """
 
@@ -159,7 +159,7 @@ class Worker:
         from services.training import trainer  # imports torch, TRL: only where jobs run
 
         s = self.settings
-        job_dir = s.work_dir / job.id
+        job_dir = s.training_dir / job.id
         job_dir.mkdir(parents=True, exist_ok=True)
         splits = Splits.from_json(await self.jobs.read_data(job.tenant, job.id))
         init_dir = None

@@ -61,7 +61,7 @@ async def training_servers(
         redis_url=training_redis_url,
         inference_addr=inference_addr,
         experiments_addr=f"127.0.0.1:{experiments.port}",
-        work_dir=Path(tmp_path_factory.mktemp("training-work")),
+        training_dir=Path(tmp_path_factory.mktemp("training-work")),
         embedded_workers=0,
         lease_seconds=3,
         heartbeat_seconds=0.5,

@@ -31,7 +31,7 @@ async def test_a_killed_worker_loses_nothing(training_stub, training_servers, tm
         **os.environ,
         "REDIS_URL": training_servers.redis_url,
         "INFERENCE_ADDR": training_servers.inference_addr,
-        "WORK_DIR": str(s.work_dir),
+        "TRAINING_DIR": str(s.training_dir),
         "LEASE_SECONDS": str(s.lease_seconds),
         "HEARTBEAT_SECONDS": str(s.heartbeat_seconds),
         "POLL_SECONDS": str(s.poll_seconds),
@@ -47,7 +47,9 @@ async def test_a_killed_worker_loses_nothing(training_stub, training_servers, tm
         stderr=log,
     )
     # the first checkpoint, once whole (a partial one is never resumed from)
-    checkpoint = s.work_dir / job.id / "checkpoints" / f"checkpoint-{s.checkpoint_steps}" / COMPLETE
+    checkpoint = (
+        s.training_dir / job.id / "checkpoints" / f"checkpoint-{s.checkpoint_steps}" / COMPLETE
+    )
     try:
         assert await eventually(checkpoint.exists, timeout=120), (
             tmp_path / "worker.log"
