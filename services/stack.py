@@ -1,8 +1,9 @@
 """The local stack: `make run` (python -m services.stack).
 
-Starts Redis (embedded unless REDIS_URL is set), the inference service and the gateway as
-child processes, registers the demo tenants and their adapters through the gateway's admin
-API, prints the URL and keys (also written to .run/keys.env), and stops everything on Ctrl-C.
+Starts Redis (embedded unless REDIS_URL is set), the gRPC services (inference, analytics,
+experiments, active learning, training) and the gateway as child processes, registers the
+demo tenants and their adapters through the gateway's admin API, prints the URL and keys
+(also written to .run/keys.env), and stops everything on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -127,6 +128,8 @@ class LocalStack:
     admin_key: str
     process: subprocess.Popen
     run_dir: Path
+    # gRPC service name -> host:port, for tests that call a service directly
+    addrs: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGINT)
@@ -144,11 +147,12 @@ def start_on_free_ports(
     tenants seeded; returns once the keys are written. Output goes to run_dir/stack.log."""
     admin_key = "lpx_admin_" + secrets.token_urlsafe(12)
     gateway_port = free_port()
+    addrs = {name: f"127.0.0.1:{free_port()}" for name in GRPC_SERVICES}
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "LORAPLEX_RUN_DIR": str(run_dir),
-        **{f"{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in GRPC_SERVICES},
+        **{f"{name.upper()}_ADDR": addr for name, addr in addrs.items()},
         "GATEWAY_PORT": str(gateway_port),
         "METRICS_PORT": "0",
         "LORAPLEX_ADMIN_KEY": admin_key,
@@ -168,7 +172,8 @@ def start_on_free_ports(
             raise RuntimeError(f"the stack did not start:\n{tail}")
         time.sleep(0.3)
     url = f"http://127.0.0.1:{gateway_port}"
-    return LocalStack(url, read_keys(keys_file), admin_key, process, run_dir)
+    addrs = {name: env[f"{name.upper()}_ADDR"] for name in GRPC_SERVICES}  # `env` may override
+    return LocalStack(url, read_keys(keys_file), admin_key, process, run_dir, addrs)
 
 
 def main() -> int:

@@ -42,6 +42,7 @@ class TrainingParams:
     heldout_fraction: float
     max_length: int
     dpo_beta: float
+    append_eos: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -50,7 +51,7 @@ class TrainingParams:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainingParams:
-        data = {f.name: data[f.name] for f in fields(cls)}
+        data = {f.name: data[f.name] for f in fields(cls) if f.name in data}
         data["target_modules"] = tuple(data["target_modules"])
         return cls(**data)
 
@@ -93,7 +94,8 @@ def resolve_params(given: dict[str, Any], settings: TrainingSettings) -> Trainin
     _check("max_length", max_length, 8, 1 << 16)
     beta = float(given.get("dpo_beta", s.default_dpo_beta))
     _check("dpo_beta", beta, 0, 100, open_low=True)
+    append_eos = bool(given.get("append_eos", s.default_append_eos))
     return TrainingParams(
         rank, alpha, modules, dropout, lr, epochs, max_steps, batch, seed, fraction,
-        max_length, beta,
+        max_length, beta, append_eos,
     )  # fmt: skip

@@ -45,6 +45,7 @@ class TrainingSettings(ServiceSettings):
     default_heldout_fraction: float = 0.1
     default_max_length: int = 256
     default_dpo_beta: float = 0.1
+    default_append_eos: bool = True
     max_rank: int = 256
     max_steps_limit: int = 100_000
     max_epochs: int = 100

@@ -168,8 +168,12 @@ def run(spec: RunSpec, hooks: Hooks) -> RunResult:
         "use_cpu": not torch.cuda.is_available(),
         "max_length": p.max_length,
     }
-    train_set = Dataset.from_list(spec.splits.train)
-    eval_set = Dataset.from_list(spec.splits.heldout)
+    train_rows, eval_rows = spec.splits.train, spec.splits.heldout
+    if spec.method is Method.SFT and not p.append_eos and "messages" not in train_rows[0]:
+        train_rows = _tokenized(train_rows, tokenizer, p.max_length)
+        eval_rows = _tokenized(eval_rows, tokenizer, p.max_length)
+    train_set = Dataset.from_list(train_rows)
+    eval_set = Dataset.from_list(eval_rows)
     if spec.method is Method.DPO:
         from trl import DPOConfig, DPOTrainer
 
@@ -227,6 +231,23 @@ def run(spec: RunSpec, hooks: Hooks) -> RunResult:
         "resumed_from_step": int(resume.name.rsplit("-", 1)[1]) if resume else 0,
     }
     return RunResult(stopped=False, files=files, record=record)
+
+
+def _tokenized(rows: list[dict[str, Any]], tokenizer, max_length: int) -> list[dict[str, Any]]:
+    """Rows tokenized as TRL's SFTTrainer would, without the EOS it appends: TRL takes
+    pre-tokenized rows (input_ids, and completion_mask for the loss) as they are."""
+    out = []
+    for row in rows:
+        if "text" in row:
+            ids = tokenizer(row["text"])["input_ids"][:max_length]
+            out.append({"input_ids": ids})
+            continue
+        prompt = tokenizer(row["prompt"])["input_ids"]
+        completion = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+        ids = (prompt + completion)[:max_length]
+        mask = ([0] * len(prompt) + [1] * len(completion))[:max_length]
+        out.append({"input_ids": ids, "completion_mask": mask})
+    return out
 
 
 def _save_adapter(model, out: Path, model_dir: Path, base_model_name: str) -> dict[str, bytes]:

@@ -53,13 +53,18 @@ async def test_sft_job_streams_progress_then_registers_a_candidate_that_promotes
     training_stub, stub, worker
 ):
     tenant = new_tenant()
-    await register(stub, tenant, "retailer")  # support v1 serves
-    request = sft_request(tenant, learning_rate=3e-3)
+    # support v1, trained on another domain (the bank's): retailer replies improve it
+    await register(stub, tenant, "bank")
+    request = sft_request(tenant, learning_rate=1e-3)
     request.init_adapter.CopyFrom(_ref("support"))
     job = (await training_stub.CreateJob(request)).job
     assert job.state == pb.JOB_STATE_QUEUED
     assert job.init_adapter.version == 1  # "current" pinned at creation
-    assert (job.params.rank, list(job.params.target_modules)) == (8, ["q_proj", "v_proj"])
+    # continuing keeps the adapter's own shape
+    assert (job.params.rank, list(job.params.target_modules)) == (
+        16,
+        ["k_proj", "o_proj", "q_proj", "v_proj"],
+    )
     assert job.train_examples + job.heldout_examples == len(SFT_ROWS)
 
     seen = await watch(training_stub, tenant, job.id)
