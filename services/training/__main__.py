@@ -32,14 +32,7 @@ async def _warm_up(app: TrainingApp) -> None:
     app.start()
 
 
-def _close(app: TrainingApp) -> None:
-    # run_service's close hook is synchronous: stop the workers' tasks; their leases expire
-    # and other workers resume their jobs from the last checkpoints.
-    for worker in app.workers:
-        for task in [worker._task, *worker.running.values()]:
-            if task is not None:
-                task.cancel()
-
-
 if __name__ == "__main__":
-    asyncio.run(run_service(TrainingSettings(), _create, warm_up=_warm_up, close=_close))
+    asyncio.run(
+        run_service(TrainingSettings(), _create, warm_up=_warm_up, close=TrainingApp.cancel)
+    )

@@ -26,6 +26,13 @@ class TrainingApp:
         for worker in self.workers:
             worker.start()
 
+    def cancel(self) -> None:
+        """Synchronous stop (run_service's close hook): the workers' jobs keep their leases,
+        which expire, and other workers resume them from their last checkpoints."""
+        for worker in self.workers:
+            worker.cancel()
+        self.core.cancel()
+
     async def close(self) -> None:
         for worker in self.workers:
             await worker.close()

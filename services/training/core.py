@@ -27,7 +27,7 @@ from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as ipb
 from loraplex.inference.v1 import inference_service_pb2_grpc as ipb_grpc
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from services.common.keys import PLATFORM
+from services.common.keys import PLATFORM, key
 from services.common.names import check_adapter_name, check_tenant
 from services.training import data as datasets
 from services.training.candidates import (
@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 
 FEEDBACK_FORMATS = {Method.SFT: alpb.DATASET_FORMAT_SFT, Method.DPO: alpb.DATASET_FORMAT_DPO}
 _MEAN_METRICS = {"rating", "latency_ms", "completion_tokens"}
+# Tenants that ever started an auto-promoting experiment (checked by check_auto_promotions).
+AUTO_PROMOTE_TENANTS = key(PLATFORM, "training", "auto-promote-tenants")
 
 
 @dataclass(frozen=True)
@@ -344,6 +346,8 @@ class TrainingCore:
             ),
             "experiments",
         )
+        if auto_promote:
+            await self.redis.sadd(AUTO_PROMOTE_TENANTS, tenant)
         return await self.candidates.transition(
             candidate,
             (CANDIDATE,),
@@ -421,7 +425,8 @@ class TrainingCore:
         if self.experiments is None:
             return 0
         promoted = 0
-        for tenant in await self.jobs.tenants():
+        for raw in sorted(await self.redis.smembers(AUTO_PROMOTE_TENANTS)):
+            tenant = raw.decode()
             token = ""
             while True:
                 page, token = await self.candidates.list(tenant, 200, token)
@@ -451,6 +456,10 @@ class TrainingCore:
     def start(self) -> None:
         if self.experiments is not None and self._auto_task is None:
             self._auto_task = asyncio.create_task(self._auto_promote_loop(), name="auto-promote")
+
+    def cancel(self) -> None:
+        if self._auto_task is not None:
+            self._auto_task.cancel()
 
     async def close(self) -> None:
         if self._auto_task is not None:

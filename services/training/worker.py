@@ -63,15 +63,19 @@ class Worker:
     def start(self) -> None:
         self._task = asyncio.create_task(self.run_forever(), name=f"training worker {self.name}")
 
-    async def close(self) -> None:
-        """Stops claiming; running jobs stop at their next step and keep their leases, which
+    def cancel(self) -> None:
+        """Stop claiming; running jobs stop at their next step and keep their leases, which
         expire, so another worker resumes them from their checkpoints."""
+        for task in [self._task, *self.running.values()]:
+            if task is not None:
+                task.cancel()
+
+    async def close(self) -> None:
+        """cancel(), then wait for the tasks to end."""
+        self.cancel()
         if self._task is not None:
-            self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for task in self.running.values():
-            task.cancel()
         for task in list(self.running.values()):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task

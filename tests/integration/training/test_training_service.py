@@ -365,3 +365,52 @@ async def test_bad_federations_are_refused(training_stub, stub):
 async def experiments_stub_for_training(training_servers):
     async with grpc.aio.insecure_channel(f"127.0.0.1:{training_servers.experiments.port}") as ch:
         yield xpb_grpc.ExperimentsServiceStub(ch)
+
+
+async def test_auto_promotion_when_the_experiment_says_ship(training_stub, training_servers, stub):
+    tenant = new_tenant()
+    await register(stub, tenant, "retailer", name="a")
+    await register(stub, tenant, "retailer", name="merged")  # v1 serves
+    reply = await training_stub.Federate(
+        pb.FederateRequest(
+            tenant=tenant,
+            participants=[
+                pb.FederationParticipant(adapter=_ref("a"), num_samples=1),
+                pb.FederationParticipant(adapter=_ref("merged"), num_samples=1),
+            ],
+            method=pb.FEDERATION_METHOD_FEDAVG,
+            output_name="merged",
+        )
+    )
+    candidate = _ref("merged", reply.adapter.version)
+    await training_stub.StartCandidateExperiment(
+        pb.StartCandidateExperimentRequest(tenant=tenant, candidate=candidate, auto_promote=True)
+    )
+    core = training_servers.app.core
+    real = core.experiments
+
+    class Verdict:
+        """The real experiments service, except that its results recommend `verdict`."""
+
+        def __init__(self, verdict):
+            self.verdict = verdict
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        async def GetResults(self, request):
+            return xpb.GetResultsResponse(recommendation=self.verdict)
+
+    try:
+        core.experiments = Verdict(xpb.RECOMMENDATION_KEEP_RUNNING)
+        await core.check_auto_promotions()
+        got = await stub.GetAdapter(ipb.GetAdapterRequest(tenant=tenant, adapter=_ref("merged")))
+        assert got.adapter.version == 1
+        core.experiments = Verdict(xpb.RECOMMENDATION_SHIP)
+        assert await core.check_auto_promotions() >= 1
+    finally:
+        core.experiments = real
+    got = await stub.GetAdapter(ipb.GetAdapterRequest(tenant=tenant, adapter=_ref("merged")))
+    assert got.adapter.version == reply.adapter.version and got.serving
+    listed = await training_stub.ListCandidates(pb.ListCandidatesRequest(tenant=tenant))
+    assert listed.candidates[0].state == pb.CANDIDATE_STATE_PROMOTED
