@@ -102,6 +102,7 @@ class TrainingCore:
             xpb_grpc.ExperimentsServiceStub(experiments_channel) if experiments_channel else None
         )
         self._model_checked = False
+        self._modules: set[str] | None = None
         self._auto_task: asyncio.Task | None = None
 
     async def ping(self) -> None:
@@ -122,6 +123,34 @@ class TrainingCore:
                 reason="BASE_MODEL_MISMATCH",
             )
         self._model_checked = True
+
+    def _linear_modules(self) -> set[str]:
+        """Names of the base model's linear layers (e.g. q_proj), from its config alone: the
+        model is built on the meta device, no weights loaded."""
+        if self._modules is None:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            config = AutoConfig.from_pretrained(self.settings.model_dir)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+            self._modules = {
+                name.rsplit(".", 1)[-1]
+                for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and name != "lm_head"
+            }
+        return self._modules
+
+    async def _check_target_modules(self, modules: tuple[str, ...]) -> None:
+        known = await asyncio.to_thread(self._linear_modules)
+        unknown = sorted(set(modules) - known)
+        if unknown:
+            raise InvalidArgument(
+                f"the base model has no linear layers named {', '.join(unknown)}; use some "
+                f"of {', '.join(sorted(known))}",
+                reason="UNKNOWN_TARGET_MODULE",
+                field="target_modules",
+            )
 
     async def _init_adapter(self, tenant: str, name: str, version: int) -> dict[str, Any]:
         """The adapter version a job continues from, pinned: {name, version, config}."""
@@ -217,6 +246,7 @@ class TrainingCore:
                 },
                 s,
             )
+        await self._check_target_modules(resolved.target_modules)
         raw = await self._read_data(tenant, chosen, source)
         rows = datasets.parse_jsonl(raw, chosen, s.max_examples)
         splits = datasets.split(

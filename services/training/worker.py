@@ -128,14 +128,16 @@ class Worker:
             stop.set()  # the worker is closing: the lease expires, another worker resumes
             raise
         except LoraplexError as err:
-            await self.jobs.finish(
+            if await self.jobs.finish(
                 lease, FAILED, error_reason=err.reason, error_message=err.message
-            )
+            ):
+                shutil.rmtree(self.settings.training_dir / lease.job_id, ignore_errors=True)
         except Exception:
             log.exception("training job failed", extra={"job": lease.job_id})
-            await self.jobs.finish(
+            if await self.jobs.finish(
                 lease, FAILED, error_reason="INTERNAL", error_message="training failed"
-            )
+            ):
+                shutil.rmtree(self.settings.training_dir / lease.job_id, ignore_errors=True)
         finally:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):

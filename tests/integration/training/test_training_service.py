@@ -210,6 +210,7 @@ async def test_bad_job_requests_are_refused_with_reasons_and_nothing_is_queued(t
         (sft_request(tenant, rank=0), bad, "PARAM_OUT_OF_RANGE"),
         (sft_request(tenant, learning_rate=5.0), bad, "PARAM_OUT_OF_RANGE"),
         (sft_request(tenant, heldout_fraction=0.9), bad, "PARAM_OUT_OF_RANGE"),
+        (sft_request(tenant, target_modules=["attn_proj"]), bad, "UNKNOWN_TARGET_MODULE"),
         (other_init, grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND"),
         (foreign_init, bad, "BASE_MODEL_MISMATCH"),
         (bad_name, bad, "INVALID_ADAPTER_NAME"),

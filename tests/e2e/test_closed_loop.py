@@ -4,7 +4,10 @@ training job on that feedback, continuing the current version, with progress str
 server-sent events -> a candidate whose loss on held-out replies of the tenant's text (other
 dialogs than the ones reviewed, scored by the inference service) is lower than the current
 version's -> an A/B experiment -> promotion -> completions served by the new version ->
-rollback to the old one."""
+rollback to the old one.
+
+(The session's stack is stopped by test_openai_client's last test, so this module must sort
+before it.)"""
 
 from __future__ import annotations
 
