@@ -23,7 +23,7 @@ async def serve(settings: GatewaySettings) -> None:
     redis = await open_redis(settings.redis_url, resources)
     channel = await resources.enter_async_context(open_channel(settings.inference_addr))
     optional = {}
-    for name in ("analytics", "experiments", "activelearning"):
+    for name in ("analytics", "experiments", "activelearning", "training"):
         addr = getattr(settings, f"{name}_addr")
         if addr:
             optional[f"{name}_channel"] = await resources.enter_async_context(open_channel(addr))

@@ -18,6 +18,7 @@ from gateway import (
     feedback_routes,
     openai_routes,
     ops_routes,
+    training_routes,
 )
 from gateway.audit import AuditMiddleware
 from gateway.deps import Gateway
@@ -34,6 +35,7 @@ def create_app(
     analytics_channel: grpc.aio.Channel | None = None,
     experiments_channel: grpc.aio.Channel | None = None,
     activelearning_channel: grpc.aio.Channel | None = None,
+    training_channel: grpc.aio.Channel | None = None,
     resources: AsyncExitStack | None = None,
 ) -> FastAPI:
     """The caller owns `redis` and the channels. `resources` (e.g. what closes them) is
@@ -48,6 +50,7 @@ def create_app(
         analytics_channel,
         experiments_channel,
         activelearning_channel,
+        training_channel,
     )
 
     @asynccontextmanager
@@ -87,11 +90,16 @@ def create_app(
     app.include_router(active_learning_routes.router)
     app.include_router(feedback_routes.router)
     app.include_router(ops_routes.router)
+    app.include_router(training_routes.router)
+    app.include_router(training_routes.admin_router)
     # Added last = outermost: metrics also count the 413s and 500s the others produce.
     app.add_middleware(
         BodyLimitMiddleware,
         limit=settings.max_request_bytes,
-        prefix_limits={admin_routes.router.prefix + "/": settings.max_upload_bytes},
+        prefix_limits={
+            admin_routes.router.prefix + "/": settings.max_upload_bytes,
+            training_routes.router.prefix + "/jobs": settings.max_upload_bytes,  # datasets
+        },
         read_timeout=settings.body_read_timeout_seconds,
     )
     app.add_middleware(AuditMiddleware)

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from grpc_health.v1 import health_pb2_grpc
+from loraplex.training.v1 import training_service_pb2_grpc as tpb_grpc
 
 from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
@@ -51,8 +52,10 @@ class Gateway:
         analytics_channel: grpc.aio.Channel | None = None,
         experiments_channel: grpc.aio.Channel | None = None,
         activelearning_channel: grpc.aio.Channel | None = None,
+        training_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self.settings = settings
+        self.training = tpb_grpc.TrainingServiceStub(training_channel) if training_channel else None
         # Active learning: every completion becomes a candidate (off the request path).
         self.activelearning = (
             alpb_grpc.ActiveLearningServiceStub(activelearning_channel)
@@ -153,6 +156,14 @@ class Gateway:
                 reason="ACTIVELEARNING_DISABLED",
             )
         return self.activelearning
+
+    def require_training(self) -> tpb_grpc.TrainingServiceStub:
+        if self.training is None:
+            raise Unavailable(
+                "training is not configured on this gateway (TRAINING_ADDR)",
+                reason="TRAINING_DISABLED",
+            )
+        return self.training
 
     def is_admin_key(self, presented: str) -> bool:
         return _matches(presented, self._admin_digest)

@@ -35,6 +35,8 @@ class GatewaySettings(ServiceSettings):
     # host:port of the active-learning service (env ACTIVELEARNING_ADDR). Unset: completions
     # are not submitted as candidates and /active-learning, /feedback answer 503.
     activelearning_addr: str | None = None
+    # host:port of the training service (env TRAINING_ADDR). Unset: /training answers 503.
+    training_addr: str | None = None
     # The key that unlocks /admin (env LORAPLEX_ADMIN_KEY only: the project-wide name, and
     # no ADMIN_KEY alias to collide with). Unset: the admin API refuses every request.
     admin_key: SecretStr | None = Field(default=None, validation_alias="loraplex_admin_key")

@@ -22,6 +22,8 @@ _EXPORTS: dict[str, str] = {
     "get_analytics": "services.analytics.library",
     "RealtimeCompositor": "services.inference.library",
     "get_compositor": "services.inference.library",
+    "LoRAFederation": "services.training.federation",
+    "FederationConfig": "services.training.federation",
 }
 
 __all__ = sorted(_EXPORTS)

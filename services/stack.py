@@ -1,10 +1,11 @@
 """The local stack: `make run` (python -m services.stack).
 
-Starts Redis (embedded unless REDIS_URL is set), the gRPC services, the gateway and the
-console as child processes, registers the demo tenants and their adapters through the
-gateway's admin API, and stops everything on Ctrl-C. A child that dies once the stack is
-up is restarted, with backoff, while the others keep serving. The keys are written to
-.run/keys.env (mode 0600) and printed only to a terminal, never into a log.
+Starts Redis (embedded unless REDIS_URL is set), the gRPC services (inference, analytics,
+experiments, active learning, training), the gateway and the console as child processes,
+registers the demo tenants and their adapters through the gateway's admin API, and stops
+everything on Ctrl-C. A child that dies once the stack is up is restarted, with backoff,
+while the others keep serving. The keys are written to .run/keys.env (mode 0600) and
+printed only to a terminal, never into a log.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -39,6 +40,7 @@ GRPC_SERVICES = {
     "analytics": 50052,
     "experiments": 50053,
     "activelearning": 50054,
+    "training": 50055,
 }
 
 
@@ -185,6 +187,8 @@ class LocalStack:
     process: subprocess.Popen
     run_dir: Path
     console_url: str = ""
+    # gRPC service name -> host:port, for tests that call a service directly
+    addrs: dict[str, str] = field(default_factory=dict)
 
     def stop(self) -> int:
         self.process.send_signal(signal.SIGINT)
@@ -202,11 +206,12 @@ def start_on_free_ports(
     tenants seeded; returns once the keys are written. Output goes to run_dir/stack.log."""
     admin_key = "lpx_admin_" + secrets.token_urlsafe(12)
     gateway_port, console_port = free_port(), free_port()
+    addrs = {name: f"127.0.0.1:{free_port()}" for name in GRPC_SERVICES}
     env = {
         **os.environ,
         "REDIS_URL": redis_url,
         "LORAPLEX_RUN_DIR": str(run_dir),
-        **{f"{name.upper()}_ADDR": f"127.0.0.1:{free_port()}" for name in GRPC_SERVICES},
+        **{f"{name.upper()}_ADDR": addr for name, addr in addrs.items()},
         "GATEWAY_PORT": str(gateway_port),
         "CONSOLE_PORT": str(console_port),
         "METRICS_PORT": "0",
@@ -230,7 +235,8 @@ def start_on_free_ports(
         time.sleep(0.3)
     url = f"http://127.0.0.1:{gateway_port}"
     console_url = f"http://127.0.0.1:{console_port}"
-    return LocalStack(url, read_keys(keys_file), admin_key, process, run_dir, console_url)
+    addrs = {name: env[f"{name.upper()}_ADDR"] for name in GRPC_SERVICES}  # `env` may override
+    return LocalStack(url, read_keys(keys_file), admin_key, process, run_dir, console_url, addrs)
 
 
 def main() -> int:
@@ -261,6 +267,7 @@ def main() -> int:
         "REDIS_URL": os.environ.get("REDIS_URL") or embedded.url,
         "LORAPLEX_ADMIN_KEY": admin_key,
         "ADAPTER_STORE_DIR": os.environ.get("ADAPTER_STORE_DIR", str(run_dir / "adapter-store")),
+        "TRAINING_DIR": os.environ.get("TRAINING_DIR", str(run_dir / "training")),
     }
     # Each gRPC service listens where <NAME>_ADDR says; the gateway reads the same names (and
     # treats a service without an address as not deployed).

@@ -166,6 +166,7 @@ class InferenceCore:
         files: dict[str, bytes],
         expected_sha256: str = "",
         shared: bool = False,
+        candidate: bool = False,
     ) -> AdapterRecord:
         owner = owner_of(tenant, shared)
         check_adapter_name(name)
@@ -189,7 +190,8 @@ class InferenceCore:
                 lora_alpha=weights.lora_alpha,
                 target_modules=weights.target_modules,
                 size_bytes=weights.size_bytes,
-            )
+            ),
+            candidate=candidate,
         )
         log.info(
             "adapter registered",

@@ -4,12 +4,17 @@ Keys (owner is a tenant id, or the platform tag for shared adapters):
   lp:{owner}:adapters                    hash  name -> serving ("current") version
   lp:{owner}:adapter:<name>:versions     hash  version -> JSON record
   lp:{owner}:adapter:<name>:history      list  versions that served before, newest first
+  lp:{owner}:adapter:<name>:candidates   set   candidate versions (registered, never served)
 
 Requests that ask for version 0 get the serving version. Registering a version makes it
 serve (unless activate=False and something already serves); swap() makes any registered
 version serve; rollback() makes the one that served before serve again. Every change of
 the serving version is one Lua script, which also publishes a SwapEvent on SWAP_CHANNEL so
 every inference replica hears of it.
+
+A candidate (register(candidate=True), e.g. a trained version awaiting its A/B test) never
+serves by itself, not even as the first version of a name: requests reach it only by
+naming its version. swap() promotes it (it stops being a candidate); discard() drops it.
 """
 
 from __future__ import annotations
@@ -39,13 +44,20 @@ def adapter_history(owner: str, name: str) -> str:
     return key(owner, "adapter", name, "history")
 
 
-# Shared by the scripts below: make ARGV[2] serve; push what served before onto the history
-# (unless rolling back, which pops it), and announce the change. KEYS[2] index, KEYS[3]
-# history; ARGV[1] name; ARGV[4] history limit; ARGV[5] channel; ARGV[6] owner; ARGV[7]
-# sha256; ARGV[8] time of the change; ARGV[9] kind.
+def adapter_candidates(owner: str, name: str) -> str:
+    """Set: candidate versions (registered without serving, not yet promoted)."""
+    return key(owner, "adapter", name, "candidates")
+
+
+# Shared by the scripts below: make ARGV[2] serve (it stops being a candidate); push what
+# served before onto the history (unless rolling back, which pops it), and announce the
+# change. KEYS[2] index, KEYS[3] history, KEYS[4] candidates; ARGV[1] name; ARGV[4] history
+# limit; ARGV[5] channel; ARGV[6] owner; ARGV[7] sha256; ARGV[8] time of the change; ARGV[9]
+# kind.
 _SERVE = """
 local function serve(version, current, pop)
   redis.call('HSET', KEYS[2], ARGV[1], version)
+  redis.call('SREM', KEYS[4], tostring(version))
   if pop then
     redis.call('LPOP', KEYS[3])
   elseif current and current ~= tostring(version) then
@@ -61,8 +73,8 @@ end
 """
 
 # Allocates the version (max + 1 when 0 is asked) and, when asked to or when nothing serves
-# yet, makes it serve. KEYS[1] versions; ARGV[2] version; ARGV[3] record JSON; ARGV[10]
-# activate ('1'/'0').
+# yet, makes it serve; a candidate never serves. KEYS[1] versions; ARGV[2] version; ARGV[3]
+# record JSON; ARGV[10] activate ('1'/'0'); ARGV[11] candidate ('1'/'0').
 _REGISTER = (
     _SERVE
     + """
@@ -77,7 +89,9 @@ elseif redis.call('HEXISTS', KEYS[1], version) == 1 then
 end
 redis.call('HSET', KEYS[1], version, ARGV[3])
 local current = redis.call('HGET', KEYS[2], ARGV[1])
-if ARGV[10] == '1' or not current then
+if ARGV[11] == '1' then
+  redis.call('SADD', KEYS[4], tostring(version))
+elseif ARGV[10] == '1' or not current then
   serve(version, current, false)
 end
 return version
@@ -92,7 +106,11 @@ _SWAP = (
     + """
 local raw = redis.call('HGET', KEYS[1], ARGV[2])
 local current = redis.call('HGET', KEYS[2], ARGV[1])
-if not raw or not current then return {'NOT_FOUND', ''} end
+if not raw then return {'NOT_FOUND', ''} end
+-- Only a candidate may be the first version to serve (the others served at registration).
+if not current and redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 0 then
+  return {'NOT_FOUND', ''}
+end
 local sha256 = cjson.decode(raw)['sha256']
 if ARGV[3] ~= '' and sha256 ~= ARGV[3] then return {'SHA256_MISMATCH', sha256} end
 local rollback = ARGV[9] == 'rollback'
@@ -100,9 +118,20 @@ if rollback and redis.call('LINDEX', KEYS[3], 0) ~= ARGV[2] then
   return {'CONFLICT', current}
 end
 serve(ARGV[2], current, rollback)
-return {'OK', current}
+return {'OK', current or '0'}
 """
 )
+
+# Drops a candidate version. KEYS[1] versions, KEYS[4] candidates; ARGV[2] version.
+_DISCARD = """
+if redis.call('SISMEMBER', KEYS[4], ARGV[2]) == 0 then
+  if redis.call('HEXISTS', KEYS[1], ARGV[2]) == 0 then return 'NOT_FOUND' end
+  return 'NOT_A_CANDIDATE'
+end
+redis.call('SREM', KEYS[4], ARGV[2])
+redis.call('HDEL', KEYS[1], ARGV[2])
+return 'OK'
+"""
 
 
 @dataclass
@@ -158,26 +187,36 @@ class AdapterRegistry:
         self._redis = redis
         self._register = redis.register_script(_REGISTER)
         self._swap = redis.register_script(_SWAP)
+        self._discard = redis.register_script(_DISCARD)
 
     @staticmethod
     def _keys(owner: str, name: str) -> list[str]:
-        return [adapter_versions(owner, name), adapter_index(owner), adapter_history(owner, name)]
+        return [
+            adapter_versions(owner, name),
+            adapter_index(owner),
+            adapter_history(owner, name),
+            adapter_candidates(owner, name),
+        ]
 
     @staticmethod
     def _args(owner: str, name: str, version: int, sha256: str, kind: str) -> list[object]:
         """ARGV[1..9] as the scripts' shared part reads them."""
         return [name, version, "", HISTORY_LIMIT, SWAP_CHANNEL, owner, sha256, time.time(), kind]
 
-    async def register(self, record: AdapterRecord, activate: bool = True) -> AdapterRecord:
+    async def register(
+        self, record: AdapterRecord, activate: bool = True, candidate: bool = False
+    ) -> AdapterRecord:
         """Record a new version (record.version 0 means 'next'). It serves from now on if
-        `activate`, or if no version of the adapter serves yet; else it waits for a swap."""
+        `activate`, or if no version of the adapter serves yet; else it waits for a swap.
+        A `candidate` never serves until swap() promotes it."""
         body = asdict(record)
         del body["version"]
         body["created_at"] = record.created_at or time.time()
         args = self._args(record.owner, record.name, record.version, record.sha256, "register")
         args[2] = json.dumps(body)
         version = await self._register(
-            keys=self._keys(record.owner, record.name), args=[*args, "1" if activate else "0"]
+            keys=self._keys(record.owner, record.name),
+            args=[*args, "1" if activate else "0", "1" if candidate else "0"],
         )
         if version == -1:
             raise AlreadyExists(
@@ -220,6 +259,32 @@ class AdapterRegistry:
             if record is not None:
                 return record
         raise _not_found(name, version)
+
+    async def is_candidate(self, owner: str, name: str, version: int) -> bool:
+        return bool(await self._redis.sismember(adapter_candidates(owner, name), str(version)))
+
+    async def serving_version(self, owner: str, name: str) -> int:
+        """The version that serves requests naming none; 0 when none does."""
+        current = await self._redis.hget(adapter_index(owner), name)
+        return int(current) if current is not None else 0
+
+    async def discard(self, owner: str, name: str, version: int) -> AdapterRecord:
+        """Drop a candidate version from the registry (its files stay in the store, which
+        is content-addressed). Any other version: FAILED_PRECONDITION, nothing changes."""
+        record = await self.get(owner, name, version) if version > 0 else None
+        if record is None:
+            raise InvalidArgument("give the candidate's version (1 or more)", reason="BAD_VERSION")
+        status = await self._discard(keys=self._keys(owner, name), args=[name, version])
+        status = status.decode() if isinstance(status, bytes) else status
+        if status == "NOT_FOUND":
+            raise _not_found(name, version)
+        if status == "NOT_A_CANDIDATE":
+            raise FailedPrecondition(
+                f"adapter {name!r} version {version} is not a candidate (it was promoted, or "
+                "registered to serve); only candidates can be discarded",
+                reason="NOT_A_CANDIDATE",
+            )
+        return record
 
     async def history(self, owner: str, name: str) -> list[int]:
         """Versions that served before the serving one, newest first (rollback's order)."""
@@ -274,7 +339,9 @@ class AdapterRegistry:
             )
         if status == "CONFLICT":
             raise SwapConflict(name)
-        previous = target if int(detail) == version else await self.get(owner, name, int(detail))
+        # What served before: the target itself when it already served, or when nothing did.
+        served = int(detail)
+        previous = target if served in (0, version) else await self.get(owner, name, served)
         return SwapResult(previous=previous, current=target, swapped_at=swapped_at)
 
     async def list(

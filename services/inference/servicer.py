@@ -17,6 +17,8 @@ from services.inference.core import (
 )
 from services.inference.decoding import Generation
 from services.inference.registry import AdapterRecord, SwapResult
+from services.inference.store import CONFIG_FILE, WEIGHTS_FILE
+from services.inference.versions import AdapterVersions
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -128,6 +130,7 @@ def tier_stats(snap: CacheSnapshot) -> pb.CacheTierStats:
 class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def __init__(self, core: InferenceCore) -> None:
         self.core = core
+        self.versions = AdapterVersions(core.registry, core.store)
 
     def _generation_args(self, request: pb.GenerateRequest) -> dict:
         return {
@@ -204,6 +207,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             {f.name: f.content for f in request.files},
             expected_sha256=request.expected_sha256,
             shared=request.shared,
+            candidate=request.candidate,
         )
         return pb.RegisterAdapterResponse(adapter=adapter_info(record))
 
@@ -267,6 +271,30 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             request.tenant, request.name, shared=request.shared
         )
         return pb.RollbackAdapterResponse(**swap_fields(result))
+
+    async def GetAdapter(self, request: pb.GetAdapterRequest, context):
+        found = await self.versions.get(
+            request.tenant,
+            request.adapter.name,
+            request.adapter.version,
+            include_files=request.include_files,
+        )
+        files = []
+        if found.files is not None:
+            files = [
+                pb.AdapterFile(name=CONFIG_FILE, content=found.files.config),
+                pb.AdapterFile(name=WEIGHTS_FILE, content=found.files.weights),
+            ]
+        return pb.GetAdapterResponse(
+            adapter=adapter_info(found.record),
+            serving=found.serving,
+            candidate=found.candidate,
+            files=files,
+        )
+
+    async def DiscardCandidate(self, request: pb.DiscardCandidateRequest, context):
+        record = await self.versions.discard(request.tenant, request.name, request.version)
+        return pb.DiscardCandidateResponse(adapter=adapter_info(record))
 
 
 def swap_fields(result: SwapResult) -> dict:

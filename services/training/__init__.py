@@ -1,0 +1,1 @@
+"""The training service: LoRA training jobs, candidate versions, federation."""
