@@ -1,38 +1,40 @@
 """Entry point: python -m services.training"""
 
 import asyncio
+from contextlib import AsyncExitStack
 
 import redis.asyncio as aioredis
 
 from services.common.channels import open_channel
-from services.common.runner import run_service
-from services.common.server import Server
-from services.training.app import TrainingApp, create_server
+from services.common.runner import Service, run_service
+from services.training.app import create_server
 from services.training.settings import TrainingSettings
 from services.training.worker import set_torch_threads
 
 
-def _create(settings: TrainingSettings, redis: aioredis.Redis) -> tuple[Server, TrainingApp]:
-    # Called inside the running event loop, where the channels must be opened.
-    optional = {
-        f"{name}_channel": open_channel(addr)
+async def open_service(
+    settings: TrainingSettings, redis: aioredis.Redis, resources: AsyncExitStack
+) -> Service:
+    channels = {
+        f"{name}_channel": await resources.enter_async_context(open_channel(addr))
         for name, addr in (
+            ("inference", settings.inference_addr),
             ("activelearning", settings.activelearning_addr),
             ("experiments", settings.experiments_addr),
         )
         if addr
     }
-    return create_server(
-        settings, redis, inference_channel=open_channel(settings.inference_addr), **optional
-    )
+    server, app = create_server(settings, redis, **channels)
 
+    async def warm_up() -> None:
+        set_torch_threads(settings)
+        app.start()
+        # Released before the channels: the workers stop, and their jobs' leases expire so
+        # that another worker resumes them from their last checkpoints.
+        resources.push_async_callback(app.close)
 
-async def _warm_up(app: TrainingApp) -> None:
-    set_torch_threads(app.core.settings)
-    app.start()
+    return Service(server, warm_up)
 
 
 if __name__ == "__main__":
-    asyncio.run(
-        run_service(TrainingSettings(), _create, warm_up=_warm_up, close=TrainingApp.cancel)
-    )
+    asyncio.run(run_service(TrainingSettings(), open_service))

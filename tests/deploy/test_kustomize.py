@@ -114,8 +114,8 @@ def test_production_scales_protects_and_isolates() -> None:
     deployments = by_kind(docs, "Deployment")
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
     # The stateless ones; the console keeps each user's session in its process (one replica,
-    # or sticky sessions at the ingress).
-    assert set(hpas) == set(deployments) - {"inference", "console"}
+    # or sticky sessions at the ingress), training's workers hold running jobs.
+    assert set(hpas) == set(deployments) - {"inference", "console", "training"}
     for name, hpa in hpas.items():
         assert hpa["spec"]["scaleTargetRef"]["name"] == name
         assert hpa["spec"]["minReplicas"] >= 2
