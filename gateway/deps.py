@@ -11,7 +11,7 @@ import hashlib
 import hmac
 import logging
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import grpc
 import redis.asyncio as aioredis
@@ -37,6 +37,7 @@ from services.common.errors import InvalidArgument, PermissionDenied, Unauthenti
 from services.experiments.client import ExperimentsClient
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # With the admin key, a tenant's routes act for the tenant this header names.
 ACT_FOR_TENANT = "X-Loraplex-Tenant"
@@ -130,40 +131,20 @@ class Gateway:
         return self._model_info
 
     def require_analytics(self) -> apb_grpc.AnalyticsServiceStub:
-        if self.analytics is None:
-            raise Unavailable(
-                "analytics is not configured on this gateway (ANALYTICS_ADDR)",
-                reason="ANALYTICS_DISABLED",
-            )
-        return self.analytics
+        return _configured(self.analytics, "ANALYTICS_ADDR", "ANALYTICS_DISABLED")
 
     def require_experiments(self) -> xpb_grpc.ExperimentsServiceStub:
-        if self.experiments is None:
-            raise Unavailable(
-                "experiments are not configured on this gateway (EXPERIMENTS_ADDR)",
-                reason="EXPERIMENTS_DISABLED",
-            )
-        return self.experiments
+        return _configured(self.experiments, "EXPERIMENTS_ADDR", "EXPERIMENTS_DISABLED")
 
     def require_assigner(self) -> ExperimentsClient:
         self.require_experiments()  # the same 503 as the other experiment routes
         return self.assigner  # type: ignore[return-value]  # set whenever experiments is
 
     def require_activelearning(self) -> alpb_grpc.ActiveLearningServiceStub:
-        if self.activelearning is None:
-            raise Unavailable(
-                "active learning is not configured on this gateway (ACTIVELEARNING_ADDR)",
-                reason="ACTIVELEARNING_DISABLED",
-            )
-        return self.activelearning
+        return _configured(self.activelearning, "ACTIVELEARNING_ADDR", "ACTIVELEARNING_DISABLED")
 
     def require_training(self) -> tpb_grpc.TrainingServiceStub:
-        if self.training is None:
-            raise Unavailable(
-                "training is not configured on this gateway (TRAINING_ADDR)",
-                reason="TRAINING_DISABLED",
-            )
-        return self.training
+        return _configured(self.training, "TRAINING_ADDR", "TRAINING_DISABLED")
 
     def is_admin_key(self, presented: str) -> bool:
         return _matches(presented, self._admin_digest)
@@ -171,6 +152,16 @@ class Gateway:
     def is_metrics_key(self, presented: str) -> bool:
         """The admin key, or the deployment's static metrics key."""
         return self.is_admin_key(presented) or _matches(presented, self._metrics_digest)
+
+
+def _configured(stub: T | None, env: str, reason: str) -> T:
+    """The service's stub, or 503 when this gateway has no address for it (a deployment may
+    leave the optional services out)."""
+    if stub is None:
+        raise Unavailable(
+            f"this capability is not deployed behind this gateway ({env} is not set)", reason=reason
+        )
+    return stub
 
 
 def _digest(secret: str) -> bytes:

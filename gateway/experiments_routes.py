@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Body, Query
+from fastapi import APIRouter, Body
 from google.protobuf import json_format
 from google.protobuf.message import Message
 from pydantic import BaseModel, Field
 
 from gateway.deps import GatewayDep, TenantDep
+from gateway.fields import PageSize
 from gateway.protojson import proto_to_json
 from loraplex.experiments.v1 import experiments_service_pb2 as xpb
 from services.common.errors import InvalidArgument
@@ -50,7 +51,7 @@ async def create_experiment(body: JsonObject, tenant: TenantDep, gateway: Gatewa
 async def list_experiments(
     tenant: TenantDep,
     gateway: GatewayDep,
-    page_size: Annotated[int, Query(ge=0, le=1000)] = 0,
+    page_size: PageSize = 0,
     page_token: str = "",
 ) -> dict[str, Any]:
     request = xpb.ListExperimentsRequest(tenant=tenant, page_size=page_size, page_token=page_token)

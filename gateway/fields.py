@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated
 
+from fastapi import Query
 from pydantic import AfterValidator, Field
 
 INT32_MAX = 2**31 - 1
@@ -19,6 +20,8 @@ Float = Annotated[float, Field(allow_inf_nan=False)]
 # Ids the services check against their own patterns; bounded here so that a huge one is
 # refused before it travels (the services' patterns allow at most 256 characters).
 Identifier = Annotated[str, Field(max_length=256)]
+# List routes' paging (AIP-158): 0 asks for the service's default page size.
+PageSize = Annotated[int, Query(ge=0, le=1000)]
 
 
 def _fits_timestamp(value: datetime) -> datetime:

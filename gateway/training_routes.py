@@ -14,13 +14,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import grpc
-from fastapi import APIRouter, Body, Depends, Query
+from fastapi import APIRouter, Body, Depends
 from fastapi.responses import StreamingResponse
 from loraplex.training.v1 import training_service_pb2 as tpb
 
 from gateway.deps import GatewayDep, TenantDep, require_admin
 from gateway.errors import rpc_error_response
 from gateway.experiments_routes import parse_proto
+from gateway.fields import PageSize
 from gateway.protojson import proto_to_json
 from loraplex.common.v1 import common_pb2
 from services.common.errors import InvalidArgument
@@ -73,7 +74,7 @@ async def create_job(body: JsonObject, tenant: TenantDep, gateway: GatewayDep):
 async def list_jobs(
     tenant: TenantDep,
     gateway: GatewayDep,
-    page_size: Annotated[int, Query(ge=0, le=1000)] = 0,
+    page_size: PageSize = 0,
     page_token: str = "",
 ) -> dict[str, Any]:
     request = tpb.ListJobsRequest(tenant=tenant, page_size=page_size, page_token=page_token)
@@ -119,7 +120,7 @@ async def cancel_job(job_id: str, tenant: TenantDep, gateway: GatewayDep) -> dic
 async def list_candidates(
     tenant: TenantDep,
     gateway: GatewayDep,
-    page_size: Annotated[int, Query(ge=0, le=1000)] = 0,
+    page_size: PageSize = 0,
     page_token: str = "",
 ) -> dict[str, Any]:
     request = tpb.ListCandidatesRequest(tenant=tenant, page_size=page_size, page_token=page_token)
