@@ -155,7 +155,7 @@ class BodyLimitMiddleware:
 def _has_lone_surrogate(body: bytes) -> bool:
     """Whether a JSON body decodes to a string holding a UTF-16 surrogate. Raw UTF-8 cannot
     carry one, only a \\uD800-\\uDFFF escape can, so bodies without one cost a scan."""
-    if b"\\ud" not in body.lower():
+    if b"\\ud" not in body and b"\\uD" not in body:  # JSON's escape is a lowercase \\u
         return False
     try:
         parsed = json.loads(body)
