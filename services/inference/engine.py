@@ -76,6 +76,7 @@ class Engine:
         self.default_temperature: float | None = recommended.get("temperature")
         self.default_top_p: float | None = recommended.get("top_p")
         self.linear_shapes: dict[str, LinearShape] = {}
+        self._token_texts: dict[int, str] = {}
         self._active: LoraBatch | None = None
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
@@ -126,6 +127,17 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens included (what logprobs show, as vLLM's)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
@@ -141,9 +153,11 @@ class Engine:
         position_ids: torch.Tensor,
         cache: Any,
         lora: LoraBatch,
+        all_positions: bool = False,
     ) -> tuple[torch.Tensor, Any]:
-        """One forward pass: each row's logits for its last position, and the KV cache
-        (a new one when `cache` is None, else `cache` extended by these positions)."""
+        """One forward pass: each row's logits for its last position (every position when
+        `all_positions`), and the KV cache (a new one when `cache` is None, else `cache`
+        extended by these positions)."""
         with self.applying(lora):
             out = self.model(
                 input_ids=input_ids,
@@ -151,9 +165,9 @@ class Engine:
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_positions else 1,
             )
-        return out.logits[:, -1], out.cache
+        return (out.logits if all_positions else out.logits[:, -1]), out.cache
 
     @torch.inference_mode()
     def score(
