@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from services.inference.lora import LinearShape, LoraWeights
 from services.inference.lora_batch import LoraBatch
@@ -76,7 +77,13 @@ class Engine:
         self.default_temperature: float | None = recommended.get("temperature")
         self.default_top_p: float | None = recommended.get("top_p")
         self.linear_shapes: dict[str, LinearShape] = {}
-        self._token_texts: dict[int, str] = {}
+        self._token_pieces: dict[int, tuple[str, bytes]] = {}
+        # A byte-level BPE tokenizer (GPT-2's) spells bytes as printable symbols: the map
+        # back to bytes, for tokens' exact bytes.
+        self._byte_decoder: dict[str, int] | None = None
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+            self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
         self._active: LoraBatch | None = None
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
@@ -127,12 +134,20 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def token_text(self, token_id: int) -> str:
-        """One token decoded alone, special tokens included (what logprobs show, as vLLM's)."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token as logprobs show it: its text decoded alone, special tokens included
+        (as vLLM's), and its exact UTF-8 bytes (part of a character, for a byte-level
+        tokenizer's token that splits one, where the text shows U+FFFD)."""
+        piece = self._token_pieces.get(token_id)
+        if piece is None:
+            text = self.tokenizer.decode([token_id])
+            raw = text.encode()
+            if self._byte_decoder and token_id not in self.tokenizer.all_special_ids:
+                symbols = self.tokenizer.convert_ids_to_tokens(token_id)
+                if all(c in self._byte_decoder for c in symbols):
+                    raw = bytes(self._byte_decoder[c] for c in symbols)
+            piece = self._token_pieces[token_id] = (text, raw)
+        return piece
 
     @property
     def vocab_size(self) -> int:

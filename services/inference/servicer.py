@@ -79,20 +79,23 @@ def composition_request(composition: pb.Composition) -> CompositionRequest | Non
 
 
 def token_logprobs(
-    details: list[TokenLogprob] | tuple[TokenLogprob, ...] | None, token_text
+    details: list[TokenLogprob] | tuple[TokenLogprob, ...] | None, token_piece
 ) -> list[pb.TokenLogprob]:
-    """Token ids -> their text (`token_text`, the engine's) with their log-probabilities."""
-    return [
-        pb.TokenLogprob(
-            token_id=d.token_id,
-            token=token_text(d.token_id),
-            logprob=d.logprob,
-            top_logprobs=[
-                pb.TokenLogprob(token_id=t, token=token_text(t), logprob=v) for t, v in d.top
-            ],
+    """Token ids -> their text and bytes (`token_piece`, the engine's) with their
+    log-probabilities."""
+
+    def entry(token_id: int, logprob: float | None, top=()) -> pb.TokenLogprob:
+        text, raw = token_piece(token_id)
+        alternatives = [entry(t, v) for t, v in top]
+        return pb.TokenLogprob(
+            token_id=token_id,
+            token=text,
+            token_bytes=raw,
+            logprob=logprob,
+            top_logprobs=alternatives,
         )
-        for d in details or ()
-    ]
+
+    return [entry(d.token_id, d.logprob, d.top) for d in details or ()]
 
 
 def uncertainty(gen: Generation) -> pb.UncertaintyStats:
@@ -103,7 +106,7 @@ def uncertainty(gen: Generation) -> pb.UncertaintyStats:
     )
 
 
-def choice_proto(choice: Choice, token_text) -> pb.Choice:
+def choice_proto(choice: Choice, token_piece) -> pb.Choice:
     gen = choice.generation
     return pb.Choice(
         index=choice.index,
@@ -115,13 +118,13 @@ def choice_proto(choice: Choice, token_text) -> pb.Choice:
         token_logprobs=gen.token_logprobs,
         token_entropies=gen.token_entropies,
         uncertainty=uncertainty(gen),
-        logprobs=token_logprobs(gen.logprobs, token_text),
-        prompt_logprobs=token_logprobs(gen.prompt_logprobs, token_text),
+        logprobs=token_logprobs(gen.logprobs, token_piece),
+        prompt_logprobs=token_logprobs(gen.prompt_logprobs, token_piece),
         prompt_text=choice.prompt_text,
     )
 
 
-def generate_response(result: GenerateResult, token_text) -> pb.GenerateResponse:
+def generate_response(result: GenerateResult, token_piece) -> pb.GenerateResponse:
     """The first choice in the top-level fields (as before several choices existed), every
     choice in `choices`, and usage summed over them."""
     gen, served, queued = result.generation, result.adapter, result.queue_seconds
@@ -144,7 +147,7 @@ def generate_response(result: GenerateResult, token_text) -> pb.GenerateResponse
         adapter=adapter_ref(served),
         token_logprobs=gen.token_logprobs,
         token_entropies=gen.token_entropies,
-        choices=[choice_proto(c, token_text) for c in result.choices],
+        choices=[choice_proto(c, token_piece) for c in result.choices],
     )
 
 
@@ -200,18 +203,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         result = await self.core.generate(**self._generation_args(request))
-        return generate_response(result, self.core.engine.token_text)
+        return generate_response(result, self.core.engine.token_piece)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
-        token_text = self.core.engine.token_text
+        token_piece = self.core.engine.token_piece
         async for event in self.core.generate_stream(**self._generation_args(request)):
             if isinstance(event, GenerateResult):
-                yield pb.GenerateStreamResponse(final=generate_response(event, token_text))
+                yield pb.GenerateStreamResponse(final=generate_response(event, token_piece))
             elif event.text or event.logprobs:
                 yield pb.GenerateStreamResponse(
                     text=event.text,
                     index=event.index,
-                    logprobs=token_logprobs(event.logprobs, token_text),
+                    logprobs=token_logprobs(event.logprobs, token_piece),
                 )
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
