@@ -211,9 +211,11 @@ async def _stream(
     async def events() -> AsyncIterator[str]:
         message = first
         try:
-            while not message.HasField("final"):
+            while True:  # the last message may carry text too
                 if message.text or message.logprobs:
                     yield _sse(delta(message))
+                if message.HasField("final"):
+                    break
                 message = await anext(messages)
             await call.record(message.final.adapter, reply=message.final)
             for chunk in finish(message.final):
@@ -278,11 +280,19 @@ def _final_chunks(
     """The last chunk of each choice (its finish reason; the last one carries the loraplex
     extras) and, when the client asked with stream_options.include_usage, OpenAI's usage
     chunk with no choices."""
-    chunks = [head | {"choices": [last(c)]} for c in reply.choices]
+    chunks = [head | {"choices": [last(c)]} for c in _choices(reply)]
     chunks[-1] = chunks[-1] | {"loraplex": _extras(reply, call.route)}
     if body.include_usage:
         chunks.append(head | {"choices": [], "usage": proto_to_json(reply.usage)})
     return chunks
+
+
+def _choices(reply: pb.GenerateResponse) -> Sequence[pb.Choice]:
+    """Every choice of a reply; one without `choices` (from an inference service older
+    than this gateway) has its one choice in the top-level fields."""
+    if reply.choices:
+        return reply.choices
+    return [pb.Choice(text=reply.text, finish_reason=reply.finish_reason)]
 
 
 def _finish_reason(choice: pb.Choice) -> str:
@@ -372,7 +382,7 @@ async def create_completion(
 
     return _json(
         _envelope(request_id, "text_completion", body, reply, call.route)
-        | {"choices": [whole(c) for c in reply.choices]}
+        | {"choices": [whole(c) for c in _choices(reply)]}
     )
 
 
@@ -417,7 +427,7 @@ async def create_chat_completion(
             "finish_reason": _finish_reason(c),
             "logprobs": _chat_logprobs(c.logprobs) if body.logprobs else None,
         }
-        for c in reply.choices
+        for c in _choices(reply)
     ]
     return _json(
         _envelope(request_id, "chat.completion", body, reply, call.route) | {"choices": choices}
