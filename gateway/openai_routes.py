@@ -212,7 +212,7 @@ async def _stream(
         message = first
         try:
             while True:  # the last message may carry text too
-                if message.text or message.logprobs:
+                if message.text or message.logprobs or message.prompt_logprobs:
                     yield _sse(delta(message))
                 if message.HasField("final"):
                     break
@@ -347,14 +347,19 @@ async def create_completion(
     call = await _start(gateway, caller, body, max_tokens, request_id, prompts=body.prompts)
     head = _header(request_id, "text_completion", body)
     wants_logprobs = body.logprobs is not None
-    sent: dict[int, int] = {}  # streaming: characters of each choice's text so far
+    # Streaming: each choice's token texts' length so far, where its next offsets start.
+    offsets: dict[int, int] = {}
 
     def delta(message: pb.GenerateStreamResponse) -> dict[str, Any]:
+        # Echo: the choice's first chunk brings the prompt, and its tokens' scores, first.
+        text = message.prompt_text + message.text
         logprobs = None
         if wants_logprobs:
-            logprobs = _completion_logprobs(message.logprobs, sent.get(message.index, 0))
-        sent[message.index] = sent.get(message.index, 0) + len(message.text)
-        piece = {"text": message.text, "index": message.index, "finish_reason": None}
+            entries = [*message.prompt_logprobs, *message.logprobs]
+            start = offsets.get(message.index, 0)
+            logprobs = _completion_logprobs(entries, start)
+            offsets[message.index] = start + sum(len(e.token) for e in entries)
+        piece = {"text": text, "index": message.index, "finish_reason": None}
         return head | {"choices": [piece | {"logprobs": logprobs}]}
 
     def last(choice: pb.Choice) -> dict[str, Any]:

@@ -186,8 +186,6 @@ class CompletionRequest(GenerationRequest):
             raise ValueError("best_of above n cannot be streamed (stream must be false)")
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be at least 1 (0 only with echo)")
-        if self.stream and self.echo:
-            raise ValueError("echo is not supported with stream")
         return self
 
     @property

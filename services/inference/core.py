@@ -497,6 +497,13 @@ class InferenceCore:
         configs = [self._sampling(params, len(ids)) for ids in prompt_ids]
         if messages:  # a chat reply is one assistant turn
             configs = [replace(c, stop=c.stop + engine.chat_stop) for c in configs]
+        # What echo returns before the completion: the prompt (token ids decoded).
+        echoed = [""] * len(texts)
+        if params.prompt_logprobs:
+            echoed = [
+                p if isinstance(p, str) else engine.detokenize(ids)
+                for p, ids in zip(texts, prompt_ids, strict=True)
+            ]
         served = await self.serve(tenant, adapter_name, adapter_version, composition)
         async with AsyncExitStack() as stack:
             weights = None
@@ -515,12 +522,14 @@ class InferenceCore:
                 async for chunk in group:
                     if chunk.generation is not None:
                         finals[chunk.index] = chunk
+                    if chunk.prompt_logprobs:  # echo: the prompt's text comes first
+                        chunk = replace(chunk, prompt_text=echoed[chunk.index // best_of])
                     if stream:
                         yield chunk
             finally:
                 group.cancel()
         rows = [finals[i] for i in range(len(sequences))]
-        yield _result(rows, texts, prompt_ids, params, served, engine.detokenize)
+        yield _result(rows, echoed, prompt_ids, params, served)
 
     async def score(
         self,
@@ -636,25 +645,21 @@ def _seeded(config: SamplingConfig, i: int) -> SamplingConfig:
 
 def _result(
     finals: list[StreamChunk],
-    prompts: list[Prompt],
+    echoed: list[str],
     prompt_ids: list[list[int]],
     params: SamplingRequest,
     served: ServedAdapter | None,
-    detokenize: Callable[[list[int]], str],
 ) -> GenerateResult:
     """Every row's final chunk (prompt by prompt, best_of each) -> the choices: per prompt
     the n with the highest cumulative log-probability when best_of is above n (best first),
-    else all in seed order."""
-    best_of = len(finals) // len(prompts)
+    else all in seed order. `echoed`: each prompt's text for echo ("" without)."""
+    best_of = len(finals) // len(prompt_ids)
     n = params.n
     choices: list[Choice] = []
-    for p, prompt in enumerate(prompts):
+    for p, prompt_text in enumerate(echoed):
         rows = [chunk.generation for chunk in finals[p * best_of : (p + 1) * best_of]]
         if best_of > n:
             rows = sorted(rows, key=lambda g: g.cumulative_logprob, reverse=True)[:n]
-        prompt_text = ""
-        if params.prompt_logprobs:
-            prompt_text = prompt if isinstance(prompt, str) else detokenize(prompt_ids[p])
         choices += [
             Choice(p * n + rank, p, generation, prompt_text) for rank, generation in enumerate(rows)
         ]

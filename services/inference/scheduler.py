@@ -51,6 +51,9 @@ class StreamChunk:
     queue_seconds: float = 0.0
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()
+    # Streaming with prompt scores (echo): on the sequence's first chunk.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_text: str = ""
 
 
 class ScheduledRequest:
@@ -79,6 +82,7 @@ class ScheduledRequest:
         self.done = False
         self._sent = 0  # characters of text already handed out
         self._sent_details = 0  # token details already handed out
+        self._sent_prompt = False  # streaming: prompt scores handed out
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._iterate()
@@ -107,7 +111,8 @@ class ScheduledRequest:
         if not (self.stream or seq.finished):
             return
         end = seq.stable_text_length()
-        if end <= self._sent and not seq.finished:
+        prompt = self.stream and not self._sent_prompt and seq.prompt_details is not None
+        if end <= self._sent and not seq.finished and not prompt:
             return
         text, self._sent = seq.text[self._sent : end], max(end, self._sent)
         details: tuple[TokenLogprob, ...] = ()
@@ -115,12 +120,14 @@ class ScheduledRequest:
             upto = seq.details_through(end)
             details = tuple(seq.details[self._sent_details : upto])
             self._sent_details = max(upto, self._sent_details)
-        chunk = StreamChunk(text, index=self.index, logprobs=details)
+        scored: tuple[TokenLogprob, ...] = ()
+        if prompt:
+            scored, self._sent_prompt = tuple(seq.prompt_details), True
+        generation, queued = None, 0.0
         if seq.finished:
             self.done = True
-            queued = self.admitted_at - self.submitted_at
-            chunk = StreamChunk(text, seq.result(), queued, self.index, details)
-        self._put(chunk)
+            generation, queued = seq.result(), self.admitted_at - self.submitted_at
+        self._put(StreamChunk(text, generation, queued, self.index, details, scored))
 
     def _fail(self, err: BaseException) -> None:
         self.done = True

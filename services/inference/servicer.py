@@ -210,11 +210,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         async for event in self.core.generate_stream(**self._generation_args(request)):
             if isinstance(event, GenerateResult):
                 yield pb.GenerateStreamResponse(final=generate_response(event, token_piece))
-            elif event.text or event.logprobs:
+            elif event.text or event.logprobs or event.prompt_logprobs:
                 yield pb.GenerateStreamResponse(
                     text=event.text,
                     index=event.index,
                     logprobs=token_logprobs(event.logprobs, token_piece),
+                    prompt_logprobs=token_logprobs(event.prompt_logprobs, token_piece),
+                    prompt_text=event.prompt_text,
                 )
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:

@@ -87,6 +87,22 @@ def test_echo_with_generation_returns_prompt_then_completion(bank):
     assert len(choice.logprobs.tokens) == reply.usage.total_tokens
 
 
+def test_streamed_echo_equals_the_whole(bank):
+    ask = {"model": MODEL, "prompt": PROMPT, "temperature": 0, "echo": True, "logprobs": 2}
+    for max_tokens in (0, 5):
+        whole = bank.completions.create(max_tokens=max_tokens, **ask).choices[0]
+        chunks = bank.completions.create(max_tokens=max_tokens, stream=True, **ask)
+        pieces = [c.choices[0] for c in chunks if c.choices and c.choices[0].logprobs]
+        assert pieces[0].text.startswith(PROMPT)
+        assert "".join(p.text for p in pieces) == whole.text
+        tokens = [t for p in pieces for t in p.logprobs.tokens]
+        offsets = [o for p in pieces for o in p.logprobs.text_offset]
+        assert tokens == whole.logprobs.tokens and offsets == whole.logprobs.text_offset
+        logprobs = [v for p in pieces for v in p.logprobs.token_logprobs]
+        assert logprobs[0] is None and whole.logprobs.token_logprobs[0] is None
+        assert logprobs[1:] == pytest.approx(whole.logprobs.token_logprobs[1:], abs=1e-6)
+
+
 def test_chat_logprobs_with_top_logprobs(bank):
     reply = bank.chat.completions.create(
         model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True, top_logprobs=4

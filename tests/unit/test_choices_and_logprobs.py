@@ -40,7 +40,7 @@ def test_best_of_keeps_the_n_highest_cumulative_logprobs_per_prompt_best_first()
     ]
     finals = [StreamChunk(g.text, g, 0.0, i) for i, g in enumerate(rows)]
     params = SamplingRequest(max_new_tokens=4, n=2, best_of=3)
-    result = _result(finals, ["p0", "p1"], [[1, 2, 3], [4, 5]], params, None, lambda ids: "")
+    result = _result(finals, ["", ""], [[1, 2, 3], [4, 5]], params, None)
     assert [(c.index, c.prompt_index, c.generation.text) for c in result.choices] == [
         (0, 0, "b"),
         (1, 0, "c"),
@@ -54,7 +54,7 @@ def test_best_of_keeps_the_n_highest_cumulative_logprobs_per_prompt_best_first()
 def test_without_best_of_choices_keep_seed_order():
     rows = [generation([-5.0], "first"), generation([-0.1], "second")]
     finals = [StreamChunk(g.text, g, 0.0, i) for i, g in enumerate(rows)]
-    result = _result(finals, [[7, 8]], [[7, 8]], SamplingRequest(4, n=2), None, lambda ids: "")
+    result = _result(finals, [""], [[7, 8]], SamplingRequest(4, n=2), None)
     assert [c.generation.text for c in result.choices] == ["first", "second"]
 
 

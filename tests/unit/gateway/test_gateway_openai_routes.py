@@ -100,7 +100,6 @@ async def test_missing_fields_are_named(client: httpx.AsyncClient, bank: dict[st
         ({"n": 2, "best_of": 1}, "best_of (1) must be at least n (2)"),
         ({"best_of": 2, "stream": True}, "best_of above n cannot be streamed"),
         ({"stream_options": {"include_usage": "sometimes"}}, "include_usage"),
-        ({"echo": True, "stream": True}, "echo is not supported with stream"),
         ({"logprobs": 6}, "logprobs:"),
         ({"logprobs": -1}, "logprobs:"),
         ({"prompt": []}, "prompt must be"),
