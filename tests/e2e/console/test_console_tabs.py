@@ -3,6 +3,7 @@ person sees after each action, checked against what the gateway then says."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import httpx
@@ -141,6 +142,9 @@ def test_review_rates_one_item_after_another(console_tenant: ConsoleTenant) -> N
         assert at.code[0].value in PROMPTS  # the prompt, at the top
         item = next(c.value for c in at.caption if c.value.startswith("Item "))
         seen.append(item.split(" · ")[0])
+        # Served with max_tokens 8: at most 8 tokens' entropies, one shaded cell each.
+        tokens = re.search(r"Entropy of each of the (\d+) tokens", texts(at))
+        assert tokens and 1 <= int(tokens[1]) <= 8
         at.button(key=answer).click().run()
         no_errors(at)
     assert len(set(seen)) == 3  # a new item each time
@@ -214,3 +218,43 @@ def test_the_admin_acts_for_the_tenant_it_picked(console_tenant: ConsoleTenant) 
         ("admin", "POST /composition/swap"),
         ("admin", "POST /composition/rollback"),
     ]
+
+
+def test_review_shades_each_token_by_its_entropy() -> None:
+    """The item's tokens, each with its entropy: shaded in order, the text escaped (it is
+    the model's output), the value on hover."""
+    pieces, entropies = ["Agent:", " <b>no</b>", " refund", "."], [0.3, 3.6, 1.5, 0.0]
+    item = {
+        "id": "c1",
+        "prompt": "Customer: Can I return it?",
+        "output": "".join(pieces),
+        "adapter": {"name": "support", "version": 2},
+        "scores": {"entropy": 1.35, "max_entropy": 3.6, "least_confidence": 0.9},
+        "priority": 1.35,
+        "reviews": 0,
+        "reviews_required": 1,
+        "token_entropies": entropies,
+        "token_texts": pieces,
+    }
+    stats = {"queued": 1, "leased": 1, "open": 0, "closed": 0, "feedback": {}}
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/feedback/next":
+            return httpx.Response(200, json={"item": item, "lease_id": "l1", "alternative": None})
+        return httpx.Response(200, json={**stats, "rating_alpha": None, "thumbs_alpha": None})
+
+    api = Gateway("http://gateway", "lpx_key", transport=httpx.MockTransport(gateway))
+    at = tab_test("review", api).run()
+    no_errors(at)
+    shaded = next(m.value for m in at.markdown if "token-entropy" in m.value)
+    spans = re.findall(r'<span title="entropy ([\d.]+)" style="background: [^;]*, ([\d.]+)\)', shaded)
+    # Alpha = entropy / 3 nats, capped at 1 (hand-computed).
+    assert spans == [("0.30", "0.10"), ("3.60", "1.00"), ("1.50", "0.50"), ("0.00", "0.00")]
+    assert "&lt;b&gt;no&lt;/b&gt;" in shaded and "<b>" not in shaded
+    assert "Shaded by entropy" in texts(at)
+    # An item without the tokens' texts: the plain output and a strip of its entropies.
+    del item["token_texts"]
+    at = tab_test("review", api).run()
+    no_errors(at)
+    assert at.code[1].value == item["output"]
+    assert "entropy of each of the 4 tokens" in texts(at).lower()
