@@ -247,7 +247,8 @@ def test_review_shades_each_token_by_its_entropy() -> None:
     at = tab_test("review", api).run()
     no_errors(at)
     shaded = next(m.value for m in at.markdown if "token-entropy" in m.value)
-    spans = re.findall(r'<span title="entropy ([\d.]+)" style="background: [^;]*, ([\d.]+)\)', shaded)
+    span = r'<span title="entropy ([\d.]+)" style="background: [^;]*, ([\d.]+)\)'
+    spans = re.findall(span, shaded)
     # Alpha = entropy / 3 nats, capped at 1 (hand-computed).
     assert spans == [("0.30", "0.10"), ("3.60", "1.00"), ("1.50", "0.50"), ("0.00", "0.00")]
     assert "&lt;b&gt;no&lt;/b&gt;" in shaded and "<b>" not in shaded
