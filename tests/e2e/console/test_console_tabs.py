@@ -93,15 +93,26 @@ def test_an_experiment_is_created_started_and_stopped(console_tenant: ConsoleTen
     key = f"console-{uuid.uuid4().hex[:6]}"
     at = tab_test("experiments", console_tenant.api()).run()
     no_errors(at)
+    at.number_input(key="ab_count").set_value(3).run()  # three variants
     at.text_input[0].input(key)
-    at.selectbox(key="ab_adapter_0").set_value(ADAPTER)
-    at.selectbox(key="ab_adapter_1").set_value("(base model)")
+    for i, (adapter, weight) in enumerate([(ADAPTER, 0.5), ("(base model)", 0.3), (ADAPTER, 0.2)]):
+        at.selectbox(key=f"ab_adapter_{i}").set_value(adapter)
+        at.number_input(key=f"ab_weight_{i}").set_value(weight)
+    at.multiselect(key="ab_guardrails").set_value(["latency_ms"])
     at.button[0].click().run()  # the form's submit button
     no_errors(at)
     experiment = console_tenant.http().get(f"/ab-testing/experiments/{key}").json()
     assert experiment["status"] == "EXPERIMENT_STATUS_DRAFT"
-    adapters = [[a["name"] for a in v["adapters"]] for v in experiment["variants"]]
-    assert adapters == [[ADAPTER], []]
+    variants = [
+        (v["name"], [a["name"] for a in v["adapters"]], v["traffic_weight"])
+        for v in experiment["variants"]
+    ]
+    assert variants == [
+        ("control", [ADAPTER], 0.5),
+        ("treatment", [], 0.3),
+        ("treatment-2", [ADAPTER], 0.2),
+    ]
+    assert [m["name"] for m in experiment["guardrail_metrics"]] == ["latency_ms"]
     assert at.selectbox(key="ab_experiment").value == key
     assert f"**{key}** is **draft**" in texts(at)
     at.button(key="ab_start").click().run()
@@ -169,9 +180,15 @@ def test_composition_swaps_after_confirmation_and_rolls_back(
         adapters = http.get("/composition/adapters").json()["adapters"]
         return next(a["version"] for a in adapters if a["name"] == ADAPTER)
 
+    def statuses(at: AppTest) -> dict[int, str]:
+        versions = at.table[0].value
+        return dict(zip(versions["version"], versions["status"], strict=True))
+
     at = tab_test("composition", console_tenant.api()).run()
     no_errors(at)
     assert at.dataframe[0].value["serving version"].tolist()[0] == serving() == 2
+    assert statuses(at) == {2: "current", 1: "registered"}
+    assert "only the admin key reads" in texts(at)  # the swap history, for a tenant key
     at.number_input(key="swap_version").set_value(1)
     at.button(key="swap").click().run()
     assert "Confirm: serve support v1 instead of v2?" in texts(at)
@@ -180,6 +197,7 @@ def test_composition_swaps_after_confirmation_and_rolls_back(
     no_errors(at)
     assert serving() == 1
     assert "Swapped support: v2 → v1" in texts(at)
+    assert statuses(at) == {2: "registered", 1: "current"}
     at.button(key="rollback").click().run()
     at.button(key="swap_confirm").click().run()
     no_errors(at)
@@ -209,6 +227,12 @@ def test_the_admin_acts_for_the_tenant_it_picked(console_tenant: ConsoleTenant) 
     assert [a["name"] for a in admin.adapters()] == [ADAPTER]
     admin.rollback(ADAPTER)  # a change made for the tenant is the admin's in the audit log
     admin.swap(ADAPTER, 2)
+    # The Composition tab shows the admin that history, newest first.
+    at = tab_test("composition", admin).run()
+    no_errors(at)
+    history = next(d.value for d in at.dataframe if "what" in d.value.columns)
+    assert history["what"].tolist()[:2] == ["swap", "rollback"]
+    assert history["who"].tolist()[:2] == ["admin", "admin"]
     audit = httpx.get(
         f"{console_tenant.url}/admin/audit",
         params={"tenant": console_tenant.tenant, "limit": 2},
