@@ -17,6 +17,11 @@ from console.client import Gateway
 FORMATS = {"sft": "SFT (prompt, completion)", "dpo": "DPO (chosen, rejected)", "kto": "KTO"}
 _REVIEWER = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 ENTROPY_SCALE = 3.0  # nats: a token at or above it is shaded fully
+# A token without its text: a small box, outlined so that a certain token still shows.
+CELL = (
+    "; display: inline-block; width: 1.2em; height: 1.2em; margin-right: 2px;"
+    " border: 1px solid #ccc"
+)
 
 
 def render(api: Gateway) -> None:
@@ -125,19 +130,19 @@ def _output(item: dict) -> None:
         return
     st.code(item["output"], language=None, wrap_lines=True)
     if entropies:
-        st.markdown(_shaded(["\u2007"] * len(entropies), entropies), unsafe_allow_html=True)
+        st.markdown(_shaded([""] * len(entropies), entropies, cell=CELL), unsafe_allow_html=True)
         st.caption(
             f"Entropy of each of the {len(entropies)} tokens in order (darkest: "
             f"{ENTROPY_SCALE:g} nats or more); this item carries no token texts."
         )
 
 
-def _shaded(texts: list[str], entropies: list[float]) -> str:
+def _shaded(texts: list[str], entropies: list[float], cell: str = "") -> str:
     """HTML: one span per token, its background as dark as its entropy, the value on hover.
     The texts are the model's output, so they are escaped."""
     spans = "".join(
         f'<span title="entropy {e:.2f}" style="background: rgba(230, 80, 0, '
-        f'{min(e / ENTROPY_SCALE, 1):.2f}); border-radius: 2px">{html.escape(t)}</span>'
+        f'{min(e / ENTROPY_SCALE, 1):.2f}); border-radius: 2px{cell}">{html.escape(t)}</span>'
         for t, e in zip(texts, entropies, strict=True)
     )
     style = "white-space: pre-wrap; line-height: 1.8"

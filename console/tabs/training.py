@@ -54,6 +54,8 @@ def _new_job(api: Gateway, mine: dict) -> None:
             "upload": "a JSON Lines file (TRL format)",
         }.get,
     )
+    # Outside the form: ticking it shows the fields at once (a form reruns only on submit).
+    change = st.checkbox("Change the defaults", key="train_change")
     with st.form("new_job"):
         cols = st.columns(3)
         adapter = cols[0].text_input("Adapter name", value=own[0] if own else "my-adapter")
@@ -62,7 +64,6 @@ def _new_job(api: Gateway, mine: dict) -> None:
         upload = None
         if source == "upload":
             upload = st.file_uploader("Dataset", type=["jsonl", "json"])
-        change = st.checkbox("Change the defaults", key="train_change")
         params: dict = {}
         if change:  # unset fields keep the service's defaults
             cols = st.columns(4)

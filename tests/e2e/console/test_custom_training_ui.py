@@ -255,3 +255,25 @@ def test_refusals_and_missing_routes_read_as_messages() -> None:
     at = tab_test("training", api).run()
     assert not at.exception and not at.error
     assert NOT_AVAILABLE in at.info[0].value and "TRAINING_DISABLED" in at.info[0].value
+
+
+def test_changed_defaults_show_at_once_and_are_sent() -> None:
+    fake = FakeTraining()
+    api = Gateway("http://gateway", "lpx_key", transport=httpx.MockTransport(fake))
+    at = tab_test("training", api).run()
+    assert not [n for n in at.number_input if n.label == "Max steps (0: epochs)"]
+    at.checkbox(key="train_change").check().run()  # the fields appear before any submit
+    no_errors(at)
+    next(n for n in at.number_input if n.label == "Max steps (0: epochs)").set_value(2)
+    next(n for n in at.number_input if n.label == "Batch size").set_value(2)
+    next(b for b in at.button if b.label == "Start training").click().run()
+    no_errors(at)
+    assert fake.created[0]["params"] == {
+        "rank": 8,
+        "learning_rate": 2e-4,
+        "max_steps": 2,
+        "epochs": 1,
+        "batch_size": 2,
+        "heldout_fraction": 0.1,
+        "seed": 0,
+    }
