@@ -1,6 +1,6 @@
 """Review (RLHF): the feedback queue that active learning fills, one leased item at a time at
 the top of the page (rating 1-5, thumbs, a pairwise choice, a correction; keys 1-5, U, D,
-S), then the queue's depth and agreement, and the export in each TRL format."""
+A, B, S), then the queue's depth and agreement, and the export in each TRL format."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def _item(api: Gateway, mine: dict, lease: dict) -> None:
     if alternative:
         a, b = st.columns(2)
         for column, preferred, label in ((a, item, "A"), (b, alternative, "B")):
-            if column.button(f"Prefer {label}", key=f"prefer_{label}"):
+            if column.button(f"Prefer {label}", key=f"prefer_{label}", shortcut=label):
                 answer = {
                     "pairwise": {
                         "other_item_id": alternative["id"],

@@ -249,7 +249,8 @@ def _federate(
         for i, name in enumerate(chosen)
     ]
     body = {"participants": participants, "method": method, "rank": rank, "output_name": output}
-    reply = ui.attempt(api.federate, body)
+    with st.spinner("Federating: reading the adapters, aggregating, registering the result…"):
+        reply = ui.attempt(api.federate, body)
     if reply is None:
         return
     st.success(f"Registered {_ref(reply['adapter'])} (rank {reply['rank']})")
