@@ -38,9 +38,7 @@ async def test_the_leased_item_carries_each_tokens_text_and_entropy(al_stub):
     )
     assert list(reply.ids) == ["with-texts"]
     assert [(r.index, r.reason) for r in reply.rejected] == [(1, "LENGTH_MISMATCH")]
-    leased = await al_stub.NextForFeedback(
-        pb.NextForFeedbackRequest(tenant=tenant, reviewer="ana")
-    )
+    leased = await al_stub.NextForFeedback(pb.NextForFeedbackRequest(tenant=tenant, reviewer="ana"))
     assert list(leased.item.token_texts) == PIECES
     assert list(leased.item.token_entropies) == ENTROPIES
     assert leased.item.scores.entropy == pytest.approx(sum(ENTROPIES) / len(ENTROPIES))
@@ -51,8 +49,6 @@ async def test_without_texts_the_entropies_still_come(al_stub):
     await al_stub.SubmitCandidates(
         pb.SubmitCandidatesRequest(tenant=tenant, candidates=[candidate("no-texts", [])])
     )
-    leased = await al_stub.NextForFeedback(
-        pb.NextForFeedbackRequest(tenant=tenant, reviewer="ana")
-    )
+    leased = await al_stub.NextForFeedback(pb.NextForFeedbackRequest(tenant=tenant, reviewer="ana"))
     assert list(leased.item.token_entropies) == ENTROPIES
     assert list(leased.item.token_texts) == []
