@@ -18,7 +18,6 @@ import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from grpc_health.v1 import health_pb2_grpc
-from loraplex.training.v1 import training_service_pb2_grpc as tpb_grpc
 
 from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
@@ -31,6 +30,7 @@ from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from loraplex.training.v1 import training_service_pb2_grpc as tpb_grpc
 from services.common.analytics_exporter import AnalyticsExporter, analytics_outbox
 from services.common.batch_exporter import BatchExporter
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
