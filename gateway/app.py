@@ -14,11 +14,13 @@ from gateway import (
     admin_routes,
     analytics_routes,
     composition_routes,
+    embeddings_routes,
     experiments_routes,
     feedback_routes,
     openai_routes,
     ops_routes,
     training_routes,
+    vllm_routes,
 )
 from gateway.audit import AuditMiddleware
 from gateway.deps import Gateway
@@ -83,6 +85,8 @@ def create_app(
 
     app.openapi = openapi
     app.include_router(openai_routes.router)
+    app.include_router(embeddings_routes.router)
+    app.include_router(vllm_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(analytics_routes.router)
     app.include_router(experiments_routes.router)

@@ -267,6 +267,17 @@ async def require_admin(request: Request, gateway: GatewayDep, credentials: Cred
     request.state.actor = "admin"
 
 
+async def require_admin_for_tenant(
+    request: Request, gateway: GatewayDep, credentials: Credentials
+) -> str:
+    """The admin key acting for the tenant X-Loraplex-Tenant names (vLLM's adapter routes,
+    which sit among the tenants' /v1 routes). Any other valid key is a 403, none a 401."""
+    if credentials is not None and gateway.is_admin_key(credentials.credentials):
+        return (await _admin_for_tenant(request, gateway)).tenant
+    await authenticate(request, gateway, credentials, set())  # raises: no scope is allowed
+    raise AssertionError("authenticate() admits no key when no scope is allowed")
+
+
 TenantDep = Annotated[str, Depends(authenticate_tenant)]
 CallerDep = Annotated[Caller, Depends(authenticate_caller)]
 ReviewerDep = Annotated[str, Depends(authenticate_reviewer)]

@@ -78,10 +78,10 @@ class StreamOptions(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    # Unknown fields are allowed (clients send new options all the time); the ones that
-    # would change the output and that we cannot honour are named in `unsupported`.
+    # The fields declared here and in the subclasses are the ones the gateway honours, and
+    # the only ones: any other field is refused by name (400), unless its value is null,
+    # false, 0 or empty, which for every OpenAI option is its default (clients send those).
     model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[tuple[str, ...]] = ()
 
     model: str = Field(min_length=1)
     temperature: Float | None = None
@@ -106,8 +106,7 @@ class GenerationRequest(BaseModel):
 
     @model_validator(mode="after")
     def _reject_unsupported(self) -> GenerationRequest:
-        extra = self.model_extra or {}
-        used = [name for name in self.unsupported if extra.get(name)]
+        used = sorted(name for name, value in (self.model_extra or {}).items() if value)
         if used:
             raise ValueError(f"not supported: {', '.join(used)}")
         return self
@@ -128,15 +127,6 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    unsupported = (
-        "echo",
-        "logprobs",
-        "suffix",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-    )
-
     prompt: str
     max_tokens: MaxTokens | None = None
 
@@ -173,17 +163,6 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    unsupported = (
-        "logprobs",
-        "top_logprobs",
-        "tools",
-        "functions",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-        "audio",
-    )
-
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: MaxTokens | None = None
     # The newer name of max_tokens; either may be sent.

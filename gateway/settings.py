@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import socket
+from pathlib import Path
 from typing import ClassVar
 
 from pydantic import Field, SecretStr
@@ -62,6 +63,10 @@ class GatewaySettings(ServiceSettings):
     # A request body must arrive at this pace (seconds per chunk) or get 408: half-sent
     # requests cannot hold connections open.
     body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    # The directory POST /v1/load_lora_adapter (vLLM's route) may read adapters from, on
+    # the gateway's file system (env LORA_LOAD_DIR); its `lora_path` must resolve inside it.
+    # Unset: that route refuses every request.
+    lora_load_dir: Path | None = None
     # Idle keep-alive connections close after this many seconds (uvicorn's default is 5).
     keep_alive_timeout_seconds: float = Field(default=5.0, gt=0)
 
