@@ -13,11 +13,11 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field
 
 from gateway.deps import CallerDep, GatewayDep
 from gateway.fields import INT32_MAX
-from gateway.openai_schemas import parse_model
+from gateway.openai_schemas import OpenAIRequest, parse_model
 from loraplex.inference.v1 import inference_service_pb2 as pb
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -25,26 +25,14 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
-class EmbeddingRequest(BaseModel):
-    # Every field OpenAI defines is declared; anything else is a 400 that names it.
-    model_config = ConfigDict(extra="forbid")
-
+class EmbeddingRequest(OpenAIRequest):
+    # No `dimensions`: cutting vectors short is meaningful only for models trained for it
+    # (Matryoshka), so it is refused like every undeclared field.
     model: str = Field(min_length=1)
     # A text, texts, a token-id list, or token-id lists (at most 256 inputs).
     input: str | list[str] | list[TokenId] | list[list[TokenId]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
-    user: str | None = None
-
-    @field_validator("dimensions")
-    @classmethod
-    def _native_size_only(cls, dimensions: int | None) -> int | None:
-        # Cutting vectors short is only meaningful for models trained for it (Matryoshka).
-        if dimensions is not None:
-            raise ValueError(
-                "not supported: the embeddings have the model's hidden size; leave it unset"
-            )
-        return dimensions
+    user: str | None = None  # accepted; as at OpenAI, no effect on the vectors
 
     def inputs(self) -> list[str] | list[list[int]]:
         """Texts, or token-id sequences: what one RPC embeds."""

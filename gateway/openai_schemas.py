@@ -77,12 +77,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
-    # The fields declared here and in the subclasses are the ones the gateway honours, and
-    # the only ones: any other field is refused by name (400), unless its value is null,
-    # false, 0 or empty, which for every OpenAI option is its default (clients send those).
+class OpenAIRequest(BaseModel):
+    """The fields a subclass declares are the ones the gateway honours, and the only ones:
+    any other field is refused by name (400), unless its value is null, false, 0 or empty,
+    which for every OpenAI option is its default (clients send those)."""
+
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> OpenAIRequest:
+        used = sorted(name for name, value in (self.model_extra or {}).items() if value)
+        if used:
+            raise ValueError(f"not supported: {', '.join(used)}")
+        return self
+
+
+class GenerationRequest(OpenAIRequest):
     model: str = Field(min_length=1)
     temperature: Float | None = None
     top_p: Float | None = None
@@ -103,13 +113,6 @@ class GenerationRequest(BaseModel):
         if n not in (None, 1):
             raise ValueError("only n=1 is supported")
         return n
-
-    @model_validator(mode="after")
-    def _reject_unsupported(self) -> GenerationRequest:
-        used = sorted(name for name, value in (self.model_extra or {}).items() if value)
-        if used:
-            raise ValueError(f"not supported: {', '.join(used)}")
-        return self
 
     @property
     def include_usage(self) -> bool:
