@@ -8,6 +8,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -31,7 +32,9 @@ from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.channels import open_channel
 from services.common.localhost import free_port
 from services.common.settings import REPO_ROOT
+from tests.helpers import eventually
 from tests.unit.gateway.fake_inference import (
+    BASE_MODEL,
     FakeInferenceServer,
     NewTenant,
     adapter_info,
@@ -305,3 +308,40 @@ async def test_cache_statistics_add_up_every_replica(
     assert (body["hits"], body["misses"], body["entries"]) == (20, 4, 2)
     assert [(a["name"], a["version"]) for a in body["adapters"]] == [("fraud", 2)]
     assert sorted(r["address"] for r in body["replicas"]) == sorted([inference.addr, second.addr])
+
+
+async def test_a_replica_marked_down_is_back_once_its_health_check_says_serving(
+    inference: FakeInferenceServer,
+) -> None:
+    replicas = InferenceReplicas(
+        parse_replicas(inference.addr),
+        open_channel=open_channel,
+        down_seconds=600,
+        probe_seconds=0.05,
+    )
+    await replicas.start()
+    try:
+        (replica,) = replicas._replicas.values()
+        await inference.set_serving(False)
+        replica.down_until = time.monotonic() + 600  # as after a failed call
+        assert not await eventually(replicas.live, timeout=0.5)  # NOT_SERVING: stays out
+        await inference.set_serving(True)
+        assert await eventually(replicas.live, timeout=10) == [replica]
+    finally:
+        await replicas.close()
+
+
+async def test_dns_mode_finds_the_replicas_behind_a_name(
+    inference: FakeInferenceServer,
+) -> None:
+    port = inference.addr.rsplit(":", 1)[1]
+    replicas = InferenceReplicas(
+        parse_replicas(f"dns:///localhost:{port}"), open_channel=open_channel
+    )
+    await replicas.start()
+    try:
+        assert f"127.0.0.1:{port}" in replicas.addresses
+        reply = await replicas.GetModelInfo(pb.GetModelInfoRequest())
+        assert reply.model_id == BASE_MODEL
+    finally:
+        await replicas.close()
