@@ -4,13 +4,15 @@ Two real inference replicas (`python -m services.inference` subprocesses on free
 default tiny model, one Redis, one adapter store), each with an adapter cache budget of 32
 adapters; 200 real PEFT adapters with random factors (ranks 8-16); streamed generations of
 4 tokens whose adapters follow Zipf(1.1), 8 at a time, sent through the gateway's router
-(gateway/replicas.py, in this process) with each policy. Each round runs both policies on
-the same request sequence, in alternating order, from emptied caches; the table gives the
-medians over rounds. Then one more affinity run in which one replica is killed (SIGKILL)
-a third of the way through: every request that had not started streaming must still
-succeed (it is retried on the other replica). Writes bench/results/routing.json.
+(gateway/replicas.py, in this process). Each round runs every policy (affinity at the
+gateway's default ε of bounded load, affinity at ε = 1, round-robin) on the same request
+sequence, in rotating order, from emptied caches; the table gives the medians over rounds,
+next to what an LRU cache of 32 adapters per replica would hit on the same sequences
+(simulated: with perfect affinity, and with round-robin). Then one more affinity run in
+which one replica is killed (SIGKILL) a third of the way through: every request that had
+not started streaming must still succeed (it is retried on the other replica). Writes bench/results/routing.json.
 
-    python -m bench bench_routing            # defaults: 3 rounds of 150 requests
+    python -m bench bench_routing            # defaults: 3 rounds of 1,000 requests
     python -m bench.bench_routing --rounds 5 --requests 1000
 """
 
@@ -25,13 +27,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from bench.bench_cache import zipf_sequence
 from bench.common import make_adapters, write_json
-from gateway.replicas import InferenceReplicas, ReplicaSource
+from gateway.replicas import InferenceReplicas, ReplicaSource, rendezvous_rank
+from gateway.settings import GatewaySettings
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.channels import open_channel
@@ -42,7 +46,12 @@ from services.stack import grpc_serving
 
 REPLICAS, ADAPTERS, CACHED, ZIPF_S, CONCURRENCY, TOKENS = 2, 200, 32, 1.1, 8, 4
 TENANT = "bench"
-POLICIES = ("affinity", "round_robin")
+# name -> (routing, ε of bounded load): the gateway's default, a looser bound, the baseline.
+POLICIES = {
+    "affinity": ("affinity", GatewaySettings.model_fields["routing_load_factor"].default),
+    "affinity_eps1": ("affinity", 1.0),
+    "round_robin": ("round_robin", 0.0),
+}
 
 
 def start_replica(port: int, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -132,10 +141,12 @@ async def run_load(router: InferenceReplicas, sequence: list[int], kill=None) ->
 
 
 def router_for(addresses: list[str], policy: str) -> InferenceReplicas:
+    routing, epsilon = POLICIES[policy]
     return InferenceReplicas(
         ReplicaSource(addresses=tuple(addresses)),
         open_channel=open_channel,
-        routing=policy,
+        routing=routing,
+        load_factor=epsilon,
         probe_seconds=0.5,
     )
 
@@ -147,7 +158,7 @@ async def measure(addresses: list[str], processes: list, rounds: int, requests: 
     runs: dict[str, list[dict]] = {policy: [] for policy in POLICIES}
     for number in range(rounds):
         sequence = zipf_sequence(requests, ADAPTERS, ZIPF_S, seed=number)
-        order = POLICIES if number % 2 == 0 else POLICIES[::-1]  # interleaved
+        order = list(POLICIES)[number % len(POLICIES) :] + list(POLICIES)[: number % len(POLICIES)]
         for policy in order:
             await empty_caches(routers[policy])
             runs[policy].append(await run_load(routers[policy], sequence))
@@ -163,6 +174,37 @@ async def measure(addresses: list[str], processes: list, rounds: int, requests: 
     return {"runs": runs, "failover": failover}
 
 
+def simulated_hit_rate(sequence: list[int], owner) -> float:
+    """Hits of one LRU cache of CACHED adapters per replica, each request sent to
+    owner(position, adapter)."""
+    caches: dict[int, OrderedDict[int, None]] = {}
+    hits = 0
+    for position, index in enumerate(sequence):
+        cache = caches.setdefault(owner(position, index), OrderedDict())
+        if index in cache:
+            hits += 1
+            cache.move_to_end(index)
+        else:
+            cache[index] = None
+            if len(cache) > CACHED:
+                cache.popitem(last=False)
+    return hits / len(sequence)
+
+
+def simulations(rounds: int, requests: int) -> dict[str, float]:
+    replicas = [f"r{i}" for i in range(REPLICAS)]
+    sequences = [zipf_sequence(requests, ADAPTERS, ZIPF_S, seed=n) for n in range(rounds)]
+    return {
+        "lru_perfect_affinity": statistics.median(
+            simulated_hit_rate(s, lambda _, a: rendezvous_rank(f"{TENANT}/a{a}@0", replicas)[0])
+            for s in sequences
+        ),
+        "lru_round_robin": statistics.median(
+            simulated_hit_rate(s, lambda position, _: position % REPLICAS) for s in sequences
+        ),
+    }
+
+
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
@@ -170,7 +212,7 @@ def median(runs: list[dict], key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=150)
+    parser.add_argument("--requests", type=int, default=1000)
     args = parser.parse_args()
     model_dir = InferenceSettings().model_dir
     with tempfile.TemporaryDirectory() as tmp_name:
@@ -217,6 +259,7 @@ def main() -> None:
         "concurrency": CONCURRENCY,
         "tokens": TOKENS,
         "rounds": args.rounds,
+        "simulated": simulations(args.rounds, args.requests),
     }
     runs = result["runs"]
     for key, name in (("hit_rate", "hit_rate_ratio"), ("requests_per_second", "throughput_ratio")):
@@ -246,13 +289,19 @@ def report(result: dict) -> None:
         f"{result['concurrency']} at a time; medians of {result['rounds']} interleaved rounds "
         f"({os.cpu_count()} cores)"
     )
-    print(f"{'policy':<12} {'hit rate':>9} {'misses':>7} {'req/s':>7}")
+    print(f"{'policy':<14} {'hit rate':>9} {'misses':>7} {'req/s':>7}")
     for policy in POLICIES:
         print(
-            f"{policy:<12} {median(runs[policy], 'hit_rate'):>9.1%} "
+            f"{policy:<14} {median(runs[policy], 'hit_rate'):>9.1%} "
             f"{median(runs[policy], 'misses'):>7.0f} "
             f"{median(runs[policy], 'requests_per_second'):>7.1f}"
         )
+    sim = result["simulated"]
+    print(
+        f"an LRU of {result['cache_budget_adapters']} per replica, simulated on the same "
+        f"sequences: {sim['lru_perfect_affinity']:.1%} with perfect affinity, "
+        f"{sim['lru_round_robin']:.1%} with round-robin"
+    )
     print(
         f"affinity / round-robin: hit rate {result['hit_rate_ratio']:.2f}x, "
         f"throughput {result['throughput_ratio']:.2f}x"
