@@ -10,7 +10,8 @@ sequence, in rotating order, from emptied caches; the table gives the medians ov
 next to what an LRU cache of 32 adapters per replica would hit on the same sequences
 (simulated: with perfect affinity, and with round-robin). Then one more affinity run in
 which one replica is killed (SIGKILL) a third of the way through: every request that had
-not started streaming must still succeed (it is retried on the other replica). Writes bench/results/routing.json.
+not started streaming must still succeed (it is retried on the other replica). Writes
+bench/results/routing.json.
 
     python -m bench bench_routing            # defaults: 3 rounds of 1,000 requests
     python -m bench.bench_routing --rounds 5 --requests 1000
