@@ -167,6 +167,9 @@ class Replica:
         self.stub = pb_grpc.InferenceServiceStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
 
+    def call_ended(self) -> None:
+        self.in_flight -= 1
+
     def up(self, now: float) -> bool:
         return now >= self.down_until
 
@@ -441,6 +444,9 @@ class RoutedStream:
             tried.append(replica)
             replica.in_flight += 1
             self._call = replica.stub.GenerateStream(self._request, **self._kwargs)
+            # Counted until the call ends, however it ends (a client that leaves cancels it
+            # while this generator waits at its yield).
+            self._call.add_done_callback(lambda _, r=replica: r.call_ended())
             received = False
             try:
                 async for message in self._call:
@@ -449,8 +455,6 @@ class RoutedStream:
                 return
             except grpc.aio.AioRpcError as err:
                 replicas._retry_or_raise(err, replica, tried, retriable=not received)
-            finally:
-                replica.in_flight -= 1
 
     def cancel(self) -> bool:
         return self._call.cancel() if self._call is not None else False

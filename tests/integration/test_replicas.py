@@ -81,8 +81,8 @@ async def cached_on(replicas, tenant: str) -> dict[int, dict[str, int]]:
 
 async def test_an_adapter_s_requests_stay_on_one_replica(replicas, router) -> None:
     tenant = new_tenant()
-    names = [f"support-{i}" for i in range(6)]
-    for name, demo in zip(names, ["retailer", "bank", "airline"] * 2, strict=True):
+    names = [f"support-{i}" for i in range(15)]
+    for name, demo in zip(names, ["retailer", "bank", "airline"] * 5, strict=True):
         await register(router, tenant, demo, name=name)
     for _ in range(3):
         for name in names:
@@ -93,7 +93,7 @@ async def test_an_adapter_s_requests_stay_on_one_replica(replicas, router) -> No
         holders = [port for port, adapters in cached.items() if name in adapters]
         assert len(holders) == 1, (name, cached)  # loaded once, on one replica
         assert cached[holders[0]][name] == 2  # and hit by the two requests after the first
-    assert all(cached.values()), cached  # the six adapters are spread over both
+    assert all(cached.values()), cached  # spread over both (all 15 on one: p = 2^-14)
 
 
 async def test_a_hot_swap_and_a_pin_reach_both_replicas(replicas, router) -> None:
@@ -138,15 +138,16 @@ async def test_a_stopped_replica_s_requests_go_to_the_other(replicas, router) ->
     for name in names:  # each on its own replica
         await router.Generate(request(tenant, name))
     before = await cached_on(replicas, tenant)
-    (stopped, _), (survivor, _) = replicas
+    # Stop the replica that holds more of them (at least 3 of the 6).
+    (stopped, _), (survivor, _) = sorted(replicas, key=lambda r: -len(before[r[0].port]))
     moved = sorted(before[stopped.port])
-    assert moved, before  # the stopped replica had some of them
+    assert len(moved) >= 3, before
     await stopped.grpc.stop(None)
 
     for name in names:  # every request succeeds: the stopped replica's are retried
         assert (await router.Generate(request(tenant, name))).adapter.name == name
     stream = [m async for m in router.GenerateStream(request(tenant, moved[0]))]
     assert stream[-1].final.adapter.name == moved[0]
-    after = await cached_on(replicas[1:], tenant)
+    after = await cached_on([r for r in replicas if r[0] is survivor], tenant)
     assert set(after[survivor.port]) == set(names)
     assert [r.address for r in router.live()] == [f"127.0.0.1:{survivor.port}"]

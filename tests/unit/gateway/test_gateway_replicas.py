@@ -268,6 +268,7 @@ async def test_a_request_is_retried_on_another_replica_when_its_own_is_down(
                 assert reply.text.rstrip().endswith("data: [DONE]")
             else:
                 assert reply.json()["choices"][0]["text"] == "echo:hi"
+    assert await eventually(lambda: all(r.in_flight == 0 for r in replicas._replicas.values()))
     await replicas.close()
     method = "GenerateStream" if stream else "Generate"
     assert [r.adapter.name for r in inference.fake.requests[method]] == names[:3]
@@ -343,5 +344,28 @@ async def test_dns_mode_finds_the_replicas_behind_a_name(
         assert f"127.0.0.1:{port}" in replicas.addresses
         reply = await replicas.GetModelInfo(pb.GetModelInfoRequest())
         assert reply.model_id == BASE_MODEL
+    finally:
+        await replicas.close()
+
+
+async def test_a_stream_the_client_leaves_no_longer_counts_as_load(
+    inference: FakeInferenceServer,
+) -> None:
+    inference.fake.adapters.append(adapter_info("bank", "fraud"))
+    replicas = InferenceReplicas(parse_replicas(inference.addr), open_channel=open_channel)
+    await replicas.start()
+    try:
+        (replica,) = replicas._replicas.values()
+        request = pb.GenerateRequest(
+            tenant="bank",
+            adapter=common_pb2.AdapterRef(name="fraud"),
+            prompt="hi",
+            params=pb.SamplingParams(max_new_tokens=4),
+        )
+        stream = replicas.GenerateStream(request)
+        first = await anext(stream.__aiter__())
+        assert first.text and replica.in_flight == 1
+        stream.cancel()  # what the gateway does when the HTTP client goes away
+        assert await eventually(lambda: replica.in_flight == 0)
     finally:
         await replicas.close()
