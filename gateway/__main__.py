@@ -22,16 +22,7 @@ async def serve(settings: GatewaySettings) -> None:
     # Unwound by the app's lifespan shutdown: LIFO, each step runs even if one before failed.
     resources = AsyncExitStack()
     redis = await open_redis(settings.redis_url, resources)
-    inference = InferenceReplicas(
-        settings.replica_source,
-        open_channel=open_channel,
-        routing=settings.inference_routing,
-        load_factor=settings.routing_load_factor,
-        down_seconds=settings.replica_down_seconds,
-        probe_seconds=settings.replica_probe_seconds,
-        dns_refresh_seconds=settings.inference_dns_refresh_seconds,
-        health_timeout=settings.health_timeout_seconds,
-    )
+    inference = InferenceReplicas.from_settings(settings, open_channel)
     optional = {}
     for name in ("analytics", "experiments", "activelearning", "training"):
         addr = getattr(settings, f"{name}_addr")

@@ -9,8 +9,9 @@ pub/sub announces to every replica) goes to the least-loaded live one.
 Affinity is rendezvous (highest-random-weight) hashing with bounded load (Mirrokni et al.,
 "Consistent Hashing with Bounded Loads", 2018): the replicas are ranked by a hash of (key,
 address) and the first whose in-flight requests are under ceil((1 + ε) · (total + 1) / n)
-serves. An adapter's requests land where it is cached; a hot adapter spills to its
-second-ranked replica instead of queueing; a replica that leaves moves only its own keys.
+serves (a replica with fewer than `load_floor` in flight always may: it batches them).
+An adapter's requests land where it is cached; a hot adapter spills to its second-ranked
+replica instead of queueing; a replica that leaves moves only its own keys.
 
 A call that fails with UNAVAILABLE before anything was received is retried once on another
 replica. A replica that fails that way (transport, or shutting down: no domain reason) is
@@ -31,7 +32,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +41,9 @@ from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
 from services.common.errors import Unavailable
+
+if TYPE_CHECKING:
+    from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -119,11 +123,14 @@ def rendezvous_rank(key: str, addresses: Iterable[str]) -> list[str]:
     return sorted(addresses, key=lambda a: (-weight(a), a))
 
 
-def bounded_choice(ranked: Sequence[str], in_flight: Mapping[str, int], epsilon: float) -> str:
+def bounded_choice(
+    ranked: Sequence[str], in_flight: Mapping[str, int], epsilon: float, floor: int = 0
+) -> str:
     """The first replica in `ranked` whose in-flight count is under the bound
-    ceil((1 + ε) · (total + 1) / n); the bound's sum exceeds the total, so one always is."""
+    max(ceil((1 + ε) · (total + 1) / n), floor); the bound's sum exceeds the total, so one
+    always is. Under `floor` a replica is never passed over: it batches those together."""
     total = sum(in_flight.get(a, 0) for a in ranked) + 1  # + the request being placed
-    bound = math.ceil((1 + epsilon) * total / len(ranked))
+    bound = max(math.ceil((1 + epsilon) * total / len(ranked)), floor)
     for address in ranked:
         if in_flight.get(address, 0) < bound:
             return address
@@ -194,6 +201,7 @@ class InferenceReplicas:
         open_channel: Callable[[str], grpc.aio.Channel],
         routing: str = "affinity",
         load_factor: float = 0.25,
+        load_floor: int = 0,
         down_seconds: float = 5.0,
         probe_seconds: float = 1.0,
         dns_refresh_seconds: float = 10.0,
@@ -203,6 +211,7 @@ class InferenceReplicas:
         self._open_channel = open_channel
         self.routing = routing
         self.load_factor = load_factor
+        self.load_floor = load_floor
         self.down_seconds = down_seconds
         self.probe_seconds = probe_seconds
         self.dns_refresh_seconds = dns_refresh_seconds
@@ -211,6 +220,22 @@ class InferenceReplicas:
         self._round_robin = itertools.count()
         self._task: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task] = set()
+
+    @classmethod
+    def from_settings(
+        cls, settings: GatewaySettings, open_channel: Callable[[str], grpc.aio.Channel]
+    ) -> InferenceReplicas:
+        return cls(
+            settings.replica_source,
+            open_channel=open_channel,
+            routing=settings.inference_routing,
+            load_factor=settings.routing_load_factor,
+            load_floor=settings.routing_load_floor,
+            down_seconds=settings.replica_down_seconds,
+            probe_seconds=settings.replica_probe_seconds,
+            dns_refresh_seconds=settings.inference_dns_refresh_seconds,
+            health_timeout=settings.health_timeout_seconds,
+        )
 
     @classmethod
     def single(cls, channel: grpc.aio.Channel, address: str = "inference") -> InferenceReplicas:
@@ -347,7 +372,7 @@ class InferenceReplicas:
         if not key:  # the base model: the least loaded
             return min(live, key=lambda r: r.in_flight)
         ranked = rendezvous_rank(key, by_address)
-        return by_address[bounded_choice(ranked, in_flight, self.load_factor)]
+        return by_address[bounded_choice(ranked, in_flight, self.load_factor, self.load_floor)]
 
     # -- calls --
 

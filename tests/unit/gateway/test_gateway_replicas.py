@@ -101,6 +101,19 @@ def test_bounded_load_passes_over_a_full_replica(in_flight, epsilon, expected) -
     assert bounded_choice(ranked, in_flight, epsilon) == expected
 
 
+@pytest.mark.parametrize(
+    ("in_flight", "expected"),
+    [
+        ({"a": 7, "b": 0}, "a"),  # bound = max(ceil(1.25 * 8 / 2) = 5, 8) = 8: a (7) is under
+        ({"a": 8, "b": 0}, "b"),  # bound = max(ceil(1.25 * 9 / 2) = 6, 8) = 8: a (8) is full
+        ({"a": 12, "b": 2}, "b"),  # bound = max(ceil(1.25 * 15 / 2) = 10, 8) = 10
+        ({"a": 9, "b": 2}, "b"),  # bound = max(ceil(1.25 * 12 / 2) = 8, 8) = 8: a (9) is full
+    ],
+)
+def test_under_the_floor_a_replica_is_never_passed_over(in_flight, expected) -> None:
+    assert bounded_choice(["a", "b"], in_flight, 0.25, floor=8) == expected
+
+
 def test_a_hot_key_spills_to_its_second_replica_and_comes_back() -> None:
     two = REPLICAS[:2]
     replicas = InferenceReplicas(
@@ -202,11 +215,13 @@ async def routed_client(
     addresses: list[str], redis: aioredis.Redis
 ) -> tuple[httpx.AsyncClient, InferenceReplicas]:
     settings = gateway_settings(addresses[0]).model_copy(
-        update={"inference_addresses": ",".join(addresses)}
+        update={
+            "inference_addresses": ",".join(addresses),
+            "replica_down_seconds": 60,
+            "replica_probe_seconds": 60,
+        }
     )
-    replicas = InferenceReplicas(
-        settings.replica_source, open_channel=open_channel, down_seconds=60, probe_seconds=60
-    )
+    replicas = InferenceReplicas.from_settings(settings, open_channel)
     await replicas.start()
     app = create_app(settings, redis=redis, inference=replicas)
     transport = httpx.ASGITransport(app, raise_app_exceptions=False)
