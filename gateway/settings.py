@@ -33,9 +33,10 @@ class GatewaySettings(ServiceSettings):
     # The ε of bounded load: a replica already serving ceil((1 + ε) * the mean in-flight
     # requests) is passed over, so a hot adapter spills to its next replica.
     routing_load_factor: float = Field(default=0.25, ge=0)
-    # ... but a replica with fewer requests than this in flight is never passed over: it
-    # decodes them in one batch, and spilling would only load the adapter twice.
-    routing_load_floor: int = Field(default=8, ge=0)
+    # A replica with fewer requests than this in flight is never passed over, whatever the
+    # bound: where a batch of n costs little more than one (a GPU), spilling would only
+    # load the adapter twice. 0: the bound alone (on CPU, balance pays more than hits).
+    routing_load_floor: int = Field(default=0, ge=0)
     # A replica that fails with UNAVAILABLE (unreachable, shutting down) gets no requests
     # for this long, unless its health check, polled every replica_probe_seconds, says
     # SERVING sooner.
