@@ -301,12 +301,15 @@ class InferenceReplicas:
         next_resolve = time.monotonic() + self.dns_refresh_seconds
         while True:
             await asyncio.sleep(self.probe_seconds)
-            if self.source.dns_name and time.monotonic() >= next_resolve:
-                await self._resolve()
-                next_resolve = time.monotonic() + self.dns_refresh_seconds
-            now = time.monotonic()
-            down = [r for r in self._replicas.values() if not r.up(now)]
-            await asyncio.gather(*(self._probe(r) for r in down))
+            try:
+                if self.source.dns_name and time.monotonic() >= next_resolve:
+                    await self._resolve()
+                    next_resolve = time.monotonic() + self.dns_refresh_seconds
+                now = time.monotonic()
+                down = [r for r in self._replicas.values() if not r.up(now)]
+                await asyncio.gather(*(self._probe(r) for r in down))
+            except Exception:  # a bug here must not stop the probing for good
+                log.exception("inference replica maintenance failed")
 
     async def _probe(self, replica: Replica) -> str:
         """The replica's health ("ok", or what it said); a SERVING answer brings a replica
@@ -324,7 +327,7 @@ class InferenceReplicas:
         return "ok"
 
     async def health(self) -> str:
-        """ "ok" when at least one replica is serving, else what the first one said."""
+        """At least one replica serving: "ok"; else what the first one answered."""
         replicas = list(self._replicas.values())
         if not replicas:
             return "NO_REPLICA"
