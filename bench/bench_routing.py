@@ -297,12 +297,13 @@ def report(result: dict) -> None:
         f"{result['concurrency']} at a time; medians of {result['rounds']} interleaved rounds "
         f"({os.cpu_count()} cores)"
     )
-    print(f"{'policy':<16} {'hit rate':>9} {'misses':>7} {'req/s':>7}")
+    print(f"{'policy':<16} {'hit rate':>9} {'misses':>7} {'req/s':>7} {'min-max req/s':>14}")
     for policy in POLICIES:
+        speeds = [r["requests_per_second"] for r in runs[policy]]
         print(
             f"{policy:<16} {median(runs[policy], 'hit_rate'):>9.1%} "
             f"{median(runs[policy], 'misses'):>7.0f} "
-            f"{median(runs[policy], 'requests_per_second'):>7.1f}"
+            f"{statistics.median(speeds):>7.1f} {min(speeds):>6.1f}-{max(speeds):<7.1f}"
         )
     sim = result["simulated"]
     print(
