@@ -30,6 +30,7 @@ from gateway.settings import GatewaySettings
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.channels import open_channel
+from services.common.errors import Unavailable
 from services.common.localhost import free_port
 from services.common.settings import REPO_ROOT
 from tests.helpers import eventually
@@ -384,3 +385,27 @@ async def test_a_stream_the_client_leaves_no_longer_counts_as_load(
         assert await eventually(lambda: replica.in_flight == 0)
     finally:
         await replicas.close()
+
+
+async def test_a_stream_that_failed_after_its_first_message_is_not_retried(
+    inference: FakeInferenceServer,
+    second: FakeInferenceServer,
+    redis_client: aioredis.Redis,
+    new_tenant: NewTenant,
+) -> None:
+    for server in (inference, second):
+        server.fake.adapters.append(adapter_info("bank", "fraud"))
+        server.fake.fail["GenerateStream.mid"] = Unavailable("model went away", reason="X")
+    headers = await new_tenant("bank")
+    client, replicas = await routed_client([inference.addr, second.addr], redis_client)
+    async with client:
+        reply = await client.post(
+            "/v1/completions", json=completion("fraud", stream=True), headers=headers
+        )
+    await replicas.close()
+    assert reply.status_code == 200  # the first piece had been sent
+    assert '"code":"UNAVAILABLE"' in reply.text
+    sent = len(inference.fake.requests["GenerateStream"]) + len(
+        second.fake.requests["GenerateStream"]
+    )
+    assert sent == 1  # a second replica would have repeated what the client already has
