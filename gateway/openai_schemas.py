@@ -82,12 +82,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
-    # Unknown fields are allowed (clients send new options all the time); the ones that
-    # would change the output and that we cannot honour are named in `unsupported`.
-    model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[tuple[str, ...]] = ()
+class OpenAIRequest(BaseModel):
+    """The fields a subclass declares are the ones the gateway honours, and the only ones:
+    any other field is refused by name (400), unless its value is null, false, 0 or empty,
+    which for every OpenAI option is its default (clients send those)."""
 
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> OpenAIRequest:
+        used = sorted(name for name, value in (self.model_extra or {}).items() if value)
+        if used:
+            raise ValueError(f"not supported: {', '.join(used)}")
+        return self
+
+
+class GenerationRequest(OpenAIRequest):
     model: str = Field(min_length=1)
     temperature: Float | None = None
     top_p: Float | None = None
@@ -102,14 +112,6 @@ class GenerationRequest(BaseModel):
     # loraplex: mix several adapters for this request; `model` is then the base model's id
     # (the openai client sends it with extra_body={"composition": {...}}).
     composition: CompositionIn | None = None
-
-    @model_validator(mode="after")
-    def _reject_unsupported(self) -> GenerationRequest:
-        extra = self.model_extra or {}
-        used = [name for name in self.unsupported if extra.get(name)]
-        if used:
-            raise ValueError(f"not supported: {', '.join(used)}")
-        return self
 
     @property
     def include_usage(self) -> bool:
@@ -137,13 +139,6 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    unsupported = (
-        "suffix",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-    )
-
     # A string, a list of strings, a list of token ids, or a list of token-id lists.
     prompt: str | list[str] | list[int] | list[list[int]]
     # 0 only with echo: the prompt's log-probabilities and nothing generated.
@@ -234,16 +229,6 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionRequest(GenerationRequest):
-    unsupported = (
-        "best_of",
-        "tools",
-        "functions",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-        "audio",
-    )
-
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: MaxTokens | None = None
     # The newer name of max_tokens; either may be sent.
