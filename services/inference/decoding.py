@@ -468,7 +468,7 @@ def _score_prompts(sequences: Sequence[DecodeSequence], logits: torch.Tensor) ->
         ids = seq.prompt_ids
         # Position t predicts token t + 1: the prompt's positions but its last.
         logp = torch.log_softmax(logits[row, width - len(ids) : width - 1].float(), dim=-1)
-        targets = torch.tensor(ids[1:], device=logp.device)
+        targets = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)
         chosen = logp[torch.arange(len(ids) - 1, device=logp.device), targets].tolist()
         top = _top_logprobs(logp, [seq.config.top_logprobs] * (len(ids) - 1))
         seq.prompt_details = [TokenLogprob(ids[0], None)] + [

@@ -3,6 +3,8 @@ prompt tokens from the prefill) equal PEFT's forward log-softmax with a real dem
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from peft import PeftModel
@@ -91,3 +93,22 @@ def test_generated_and_prompt_logprobs_equal_peft_per_row(engine, reference):
         assert_matches(result.logprobs, expected, len(prompt) - 1)
         assert all(len(d.top) == 5 for d in result.logprobs + result.prompt_logprobs[1:])
     assert results[2].completion_tokens == 0 and results[2].logprobs == []
+
+
+def test_a_one_token_prompt_has_only_its_unscored_first_token(engine):
+    """Echo of a prompt that is just the start token: nothing to score, nothing to fail."""
+    config = SamplingConfig(0, 0.0, top_logprobs=2, prompt_logprobs=True)
+    scored, generating = decode_together(
+        engine,
+        [
+            DecodeSequence([engine.tokenizer.bos_token_id], None, config),
+            DecodeSequence(
+                [engine.tokenizer.bos_token_id], None, replace(config, max_new_tokens=2)
+            ),
+        ],
+    )
+    assert scored.finish_reason == "length" and scored.completion_tokens == 0
+    assert [(d.token_id, d.logprob) for d in scored.prompt_logprobs] == [
+        (engine.tokenizer.bos_token_id, None)
+    ]
+    assert generating.completion_tokens == 2 and len(generating.logprobs) == 2
