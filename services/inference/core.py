@@ -336,7 +336,8 @@ class InferenceCore:
     def _sampling(self, params: SamplingRequest, prompt_tokens: int) -> SamplingConfig:
         limit = self.max_new_tokens_limit
         context = self.engine.context_length
-        if prompt_tokens >= context:
+        # A prompt only scored may fill the context; one to continue must leave room.
+        if prompt_tokens > context or (prompt_tokens == context and not params.prompt_only):
             raise InvalidArgument(
                 f"the prompt is {prompt_tokens} tokens, the model's context is {context}",
                 reason="CONTEXT_LENGTH_EXCEEDED",
