@@ -204,17 +204,17 @@ class DecodeSequence:
             self.first_token_at = time.perf_counter()
         self.logprobs.append(logprob)
         self.entropies.append(entropy)
+        end_of_sequence = token == eos_token_id and not self.config.ignore_eos
+        previous = len(self.text)
+        if not end_of_sequence:
+            self.tokens.append(token)
+            self.text = detokenize(self.tokens)
         if self.details is not None:
             self.details.append(TokenLogprob(token, logprob, top))
-        if token == eos_token_id and not self.config.ignore_eos:
             self.detail_ends.append(len(self.text))
+        if end_of_sequence:
             self._finish("stop")
             return
-        self.tokens.append(token)
-        previous = len(self.text)
-        self.text = detokenize(self.tokens)
-        if self.details is not None:
-            self.detail_ends.append(len(self.text))
         start = max(0, previous - self._longest_stop)
         hits = [i for i in (self.text.find(s, start) for s in self.config.stop) if i >= 0]
         if hits:

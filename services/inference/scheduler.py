@@ -75,7 +75,9 @@ class ScheduledRequest:
         self._scheduler = scheduler
         self._loop = asyncio.get_running_loop()
         # A group's rows share one queue (RequestGroup reads it).
-        self._chunks: asyncio.Queue[StreamChunk | BaseException] = chunks or asyncio.Queue()
+        self._chunks: asyncio.Queue[StreamChunk | BaseException] = (
+            chunks if chunks is not None else asyncio.Queue()
+        )
         self.submitted_at = time.perf_counter()
         self.admitted_at = 0.0
         self.cancelled = False
