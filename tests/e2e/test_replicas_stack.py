@@ -23,10 +23,12 @@ def completion(url: str, key: str) -> httpx.Response:
     )
 
 
-def test_two_replicas_serve_and_one_may_die(redis_url: str, tmp_path) -> None:
+def test_two_replicas_serve_and_one_may_die(test_redis_url: str, tmp_path) -> None:
+    # A database of its own: the session's stack registers versions of bank-support whose
+    # files live in that stack's store, not in this one's.
     try:
         stack = start_on_free_ports(
-            tmp_path, redis_url, env={"INFERENCE_REPLICAS": "2"}, services=("inference",)
+            tmp_path, test_redis_url, env={"INFERENCE_REPLICAS": "2"}, services=("inference",)
         )
     except RuntimeError as err:
         pytest.fail(str(err))
@@ -35,7 +37,8 @@ def test_two_replicas_serve_and_one_may_die(redis_url: str, tmp_path) -> None:
         cache = httpx.get(f"{stack.url}/admin/cache", headers=admin, timeout=30).json()
         addresses = sorted(r["address"] for r in cache["replicas"])
         assert len(addresses) == 2 and stack.addrs["inference"] in addresses
-        assert completion(stack.url, stack.keys["BANK_KEY"]).status_code == 200
+        served = completion(stack.url, stack.keys["BANK_KEY"])
+        assert served.status_code == 200, served.text
 
         # Kill the replica that holds bank-support: its next requests go to the other.
         children = psutil.Process(stack.process.pid).children()
@@ -51,6 +54,7 @@ def test_two_replicas_serve_and_one_may_die(redis_url: str, tmp_path) -> None:
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=10)
         for _ in range(3):  # retried on the other replica, then routed there directly
-            assert completion(stack.url, stack.keys["BANK_KEY"]).status_code == 200
+            served = completion(stack.url, stack.keys["BANK_KEY"])
+            assert served.status_code == 200, served.text
     finally:
         assert stack.stop() == 0
