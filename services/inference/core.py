@@ -24,6 +24,7 @@ from services.inference.cache import AdapterCache, CacheSnapshot, TieredAdapterC
 from services.inference.compose import compose, composition_key
 from services.inference.decoding import DecodeSequence, Generation, SamplingConfig
 from services.inference.engine import Engine, TokenScores, resolve_device
+from services.inference.grammar import GrammarCompiler, GrammarRequest
 from services.inference.lora import LoraWeights, parse_adapter
 from services.inference.registry import AdapterRecord, AdapterRegistry
 from services.inference.scheduler import Scheduler, StreamChunk
@@ -108,6 +109,7 @@ class InferenceCore:
         self.swap_listener = SwapListener(redis, self.registry, prefetch=self._prefetch)
         self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
+        self._grammars: GrammarCompiler | None = None
 
     @staticmethod
     def _tiered_cache(settings: InferenceSettings) -> TieredAdapterCache:
@@ -130,7 +132,10 @@ class InferenceCore:
     async def start(self) -> None:
         """Load the base model (seconds to minutes); until then requests get UNAVAILABLE."""
         s = self.settings
-        self._engine = await asyncio.to_thread(Engine, s.model_dir, s.device, s.dtype)
+        self._engine = engine = await asyncio.to_thread(Engine, s.model_dir, s.device, s.dtype)
+        self._grammars = await asyncio.to_thread(
+            GrammarCompiler, engine.tokenizer, engine.vocab_size, engine.eos_token_id
+        )
         self._scheduler = Scheduler(self._engine, s.batching_limits())
         self._scheduler.start()
         self.swap_listener.start()
@@ -151,6 +156,12 @@ class InferenceCore:
         if self._scheduler is None:
             raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
         return self._scheduler
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
+        return self._grammars
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -365,6 +376,7 @@ class InferenceCore:
         prompt: str = "",
         messages: list[dict[str, str]] | None = None,
         composition: CompositionRequest | None = None,
+        grammar: GrammarRequest | None = None,
     ) -> GenerateResult:
         stream = self.generate_stream(
             tenant,
@@ -374,6 +386,7 @@ class InferenceCore:
             prompt=prompt,
             messages=messages,
             composition=composition,
+            grammar=grammar,
             stream=False,
         )
         async for served, chunk in stream:
@@ -390,6 +403,7 @@ class InferenceCore:
         prompt: str = "",
         messages: list[dict[str, str]] | None = None,
         composition: CompositionRequest | None = None,
+        grammar: GrammarRequest | None = None,
         stream: bool = True,
     ) -> AsyncIterator[tuple[ServedAdapter | None, StreamChunk]]:
         """Chunks of new text as they are generated; the last one carries the result.
@@ -400,6 +414,9 @@ class InferenceCore:
         config = self._sampling(params, len(prompt_ids))
         if messages:  # a chat reply is one assistant turn
             config = replace(config, stop=config.stop + engine.chat_stop)
+        compiled = None
+        if grammar is not None:
+            compiled = await asyncio.to_thread(self.grammars.compile, grammar)
         served = await self.serve(tenant, adapter_name, adapter_version, composition)
         async with AsyncExitStack() as stack:
             weights = None
@@ -407,7 +424,8 @@ class InferenceCore:
                 weights = await stack.enter_async_context(
                     self.cache.use(served.cache_key, served.load)
                 )
-            sequence = DecodeSequence(prompt_ids, weights, config)
+            row_grammar = self.grammars.row(compiled) if compiled is not None else None
+            sequence = DecodeSequence(prompt_ids, weights, config, row_grammar)
             request = self.scheduler.submit(tenant, sequence, stream)
             try:
                 async for chunk in request:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from services.common.errors import FailedPrecondition, LoraplexError, Unavailable
+from services.inference.grammar import RowGrammar, mask_logits
 from services.inference.lora import LoraWeights
 from services.inference.lora_batch import LoraBatch
 
@@ -60,6 +61,12 @@ def non_finite_output() -> LoraplexError:
         "the adapter produced non-finite numbers (NaN or infinity) for this request; "
         "check its weights and composition weights",
         reason="NON_FINITE_OUTPUT",
+    )
+
+
+def grammar_error() -> LoraplexError:
+    return Unavailable(
+        "structured output could not follow its grammar; retry", reason="GRAMMAR_ERROR"
     )
 
 
@@ -129,10 +136,12 @@ class DecodeSequence:
         prompt_ids: list[int],
         adapter: LoraWeights | None,
         config: SamplingConfig,
+        grammar: RowGrammar | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.adapter = adapter
         self.config = config
+        self.grammar = grammar  # structured output: tokens are masked by it
         self.generator = torch.Generator()
         if config.seed is not None:
             self.generator.manual_seed(config.seed)
@@ -158,16 +167,24 @@ class DecodeSequence:
         self.error = error
         self._finish("error")
 
+    @property
+    def tokens_left(self) -> int:
+        return self.config.max_new_tokens - len(self.logprobs)
+
     def accept(
         self, token: int, logprob: float, entropy: float, eos_token_id: int, detokenize
     ) -> None:
         """Take the next sampled token; sets finish_reason when the sequence is done."""
         if not self.logprobs:
             self.first_token_at = time.perf_counter()
+        if self.grammar is not None and not self.grammar.accept(token):
+            self.fail(grammar_error())
+            return
         self.logprobs.append(logprob)
         self.entropies.append(entropy)
         if token == eos_token_id and not self.config.ignore_eos:
-            self._finish("stop")
+            # A row the budget made close early was cut short all the same.
+            self._finish("length" if self.grammar and self.grammar.forced_close else "stop")
             return
         self.tokens.append(token)
         previous = len(self.text)
@@ -177,7 +194,7 @@ class DecodeSequence:
         if hits:
             self.text = self.text[: min(hits)]
             self._finish("stop")
-        elif len(self.logprobs) >= self.config.max_new_tokens:
+        elif self.tokens_left <= 0:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
@@ -360,6 +377,11 @@ class DecodeBatch:
         finite = torch.isfinite(logits).all(-1).tolist()
         logp = torch.log_softmax(logits, dim=-1)
         entropies = (-(logp.exp() * logp).sum(-1)).tolist()
+        constrained = [
+            i for i, s in enumerate(rows) if s.grammar is not None and finite[i] and not s.finished
+        ]
+        if constrained:  # structured output: disallowed tokens at -inf, for those rows only
+            logits = mask_logits(logits, constrained, [rows[i].grammar for i in constrained])
         greedy = torch.argmax(logits, dim=-1).tolist()
         tokens = [
             greedy[i]
@@ -367,6 +389,8 @@ class DecodeBatch:
             else sample_token(logits[i], seq.config.temperature, seq.config.top_p, seq.generator)
             for i, seq in enumerate(rows)
         ]
+        for i in constrained:  # near the end of its budget a row closes its document
+            tokens[i] = rows[i].grammar.within_budget(tokens[i], rows[i].tokens_left)
         chosen = logp[torch.arange(len(rows)), torch.tensor(tokens, device=logp.device)].tolist()
         runner = self.runner
         for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):

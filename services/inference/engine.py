@@ -58,6 +58,7 @@ class Engine:
         self.model.to(self.device).eval()
         self.architecture = type(self.model).__name__
         self.context_length = int(self.model.config.max_position_embeddings)
+        self.vocab_size = int(self.model.config.vocab_size)  # the logits' width
         self.eos_token_id = self.tokenizer.eos_token_id
         # No token covers more characters than the vocabulary's longest entry, so a text
         # longer than this cannot fit the context: refused before it is tokenized.

@@ -16,6 +16,7 @@ from services.inference.core import (
     ServedAdapter,
 )
 from services.inference.decoding import Generation
+from services.inference.grammar import GrammarRequest
 from services.inference.registry import AdapterRecord, SwapResult
 from services.inference.store import CONFIG_FILE, WEIGHTS_FILE
 from services.inference.versions import AdapterVersions
@@ -55,6 +56,12 @@ def sampling_request(params: pb.SamplingParams) -> SamplingRequest:
         seed=params.seed if params.HasField("seed") else None,
         stop=tuple(params.stop),
     )
+
+
+def grammar_request(request: pb.GenerateRequest) -> GrammarRequest | None:
+    if not request.HasField("structured_output"):
+        return None
+    return GrammarRequest(json_schema=request.structured_output.json_schema)
 
 
 def composition_request(composition: pb.Composition) -> CompositionRequest | None:
@@ -141,6 +148,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             "prompt": request.prompt,
             "messages": [{"role": m.role, "content": m.content} for m in request.messages],
             "composition": composition_request(request.composition),
+            "grammar": grammar_request(request),
         }
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
