@@ -94,9 +94,7 @@ class LLGuidanceRows:
         self.rows, self.bitmask = rows, llg_torch.allocate_token_bitmask(rows, vocab)
 
     def compile(self):
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            SCHEMA, defaults=LLGUIDANCE_COMPACT
-        )
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(SCHEMA, defaults=LLGUIDANCE_COMPACT)
         llguidance.LLMatcher(self.tokenizer, grammar)  # parses and checks it
         return grammar
 
@@ -115,7 +113,7 @@ def main() -> None:
     engine = Engine(InferenceSettings().model_dir, device="cpu", dtype="float32")
     tokenizer, vocab = engine.tokenizer, int(engine.model.config.vocab_size)
     text = json.dumps(DOCUMENT, separators=(",", ":"))
-    tokens = engine.encode(text, special_tokens=False) + [engine.eos_token_id]
+    tokens = [*engine.encode(text, special_tokens=False), engine.eos_token_id]
     print(
         f"per-token cost of constrained decoding: a {len(tokens)}-token document, vocabulary "
         f"{vocab}, {ROUNDS} interleaved rounds, {torch.get_num_threads()} threads"
@@ -130,7 +128,7 @@ def main() -> None:
         compiled = {lib.name: lib.compile() for lib in libraries}
         logits = torch.randn(rows, vocab)
 
-        def walk(lib):
+        def walk(lib, compiled=compiled, logits=logits):
             def run() -> None:
                 lib.start(compiled[lib.name])
                 for token in tokens:
