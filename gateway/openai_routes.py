@@ -27,6 +27,7 @@ from gateway.openai_schemas import (
     parse_model,
 )
 from gateway.protojson import proto_to_json
+from gateway.structured_outputs import plan as structured_plan
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.analytics_exporter import completion_event
@@ -186,7 +187,7 @@ async def _generate(call: _Call) -> pb.GenerateResponse:
 
 async def _stream(
     call: _Call,
-    delta: Callable[[str], dict[str, Any]],
+    delta: Callable[[str], dict[str, Any] | None],
     finish: Callable[[pb.GenerateResponse], list[dict[str, Any]]],
 ) -> StreamingResponse:
     """Server-sent events as OpenAI streams them. The first message is awaited here, so a
@@ -203,11 +204,11 @@ async def _stream(
         message = first
         try:
             while not message.HasField("final"):
-                if message.text:
-                    yield _sse(delta(message.text))
+                if message.text and (chunk := delta(message.text)) is not None:
+                    yield _sse(chunk)
                 message = await anext(messages)
-            if message.text:
-                yield _sse(delta(message.text))
+            if message.text and (chunk := delta(message.text)) is not None:
+                yield _sse(chunk)
             await call.record(message.final.adapter, reply=message.final)
             for chunk in finish(message.final):
                 yield _sse(chunk)
@@ -312,27 +313,35 @@ async def create_chat_completion(
     if max_tokens is None:  # OpenAI's chat default: 0 asks for as many tokens as fit
         max_tokens = 0
     messages = [m.to_proto() for m in body.messages]
+    structured = structured_plan(body)  # response_format, tools: gateway/structured_outputs.py
     call = await _start(gateway, caller, body, max_tokens, request_id, messages=messages)
+    structured.constrain(call.request)
     if body.stream:
         head = _header(request_id, "chat.completion.chunk", body)
         opened = False
 
-        def delta(text: str) -> dict[str, Any]:
+        def chunk(content: dict[str, Any]) -> dict[str, Any]:
             nonlocal opened  # the first delta names the role, as OpenAI's do
-            content = {"content": text} | ({} if opened else {"role": "assistant"})
+            content = content | ({} if opened else {"role": "assistant"})
             opened = True
             return head | {"choices": [{"index": 0, "delta": content, "finish_reason": None}]}
 
+        def delta(text: str) -> dict[str, Any] | None:
+            content = structured.delta(text)
+            return None if content is None else chunk(content)
+
         def finish(reply: pb.GenerateResponse) -> list[dict[str, Any]]:
-            last = {"index": 0, "delta": {}, "finish_reason": _finish_reason(reply)}
-            return _final_chunks(head, last, reply, call, body)
+            reason = structured.finish_reason(_finish_reason(reply))
+            last = {"index": 0, "delta": {}, "finish_reason": reason}
+            deltas = [chunk(content) for content in structured.final_deltas(reply.text)]
+            return deltas + _final_chunks(head, last, reply, call, body)
 
         return await _stream(call, delta, finish)
     reply = await _generate(call)
     choice = {
         "index": 0,
-        "message": {"role": "assistant", "content": reply.text},
-        "finish_reason": _finish_reason(reply),
+        "message": structured.message(reply.text),
+        "finish_reason": structured.finish_reason(_finish_reason(reply)),
         "logprobs": None,
     }
     return _json(

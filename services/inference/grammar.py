@@ -36,8 +36,9 @@ CLOSE_WINDOW = 64
 # Compiled grammars kept for reuse (requests with the same schema share one).
 CACHE_BYTES = 64 * 1024 * 1024
 # The closing walk's preferred characters, shortest way out first: end a string, close a
-# container, the smallest number, then what separates keys and values.
-_CLOSERS = ('"', "}", "]", "0", ",", ":")
+# container, end a value (before a digit, which would only lengthen a number), the
+# smallest number, then what separates a key from its value.
+_CLOSERS = ('"', "}", "]", ",", "0", ":")
 # xgrammar prefixes its messages with "[time] file.cc:line: ".
 _LOCATION = re.compile(r"^\[[^\]]*\]\s*\S+:\d+:\s*")
 
@@ -69,6 +70,16 @@ class GrammarCompiler:
         self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=CACHE_BYTES)
         single = {text: i for i, text in enumerate(info.decoded_vocab) if len(text) == 1}
         self._closers = tuple(single[c.encode()] for c in _CLOSERS if c.encode() in single)
+        # Compact JSON never holds a raw control character (0x00-0x1f), but xgrammar 0.2's
+        # length-bounded strings (maxLength) let them through: such tokens are masked out
+        # for every constrained row.
+        words = np.full(xgr.allocate_token_bitmask(1, vocab_size).shape[1], 0xFFFFFFFF, np.uint32)
+        for token, text in enumerate(info.decoded_vocab):
+            if any(byte < 0x20 for byte in text):
+                words[token >> 5] &= ~np.uint32(1 << (token & 31))
+        self._printable = torch.from_numpy(words.view(np.int32))
+        self._lengths = np.zeros(vocab_size, np.int32)  # bytes per token
+        self._lengths[: len(info.decoded_vocab)] = [len(text) for text in info.decoded_vocab]
 
     def compile(self, request: GrammarRequest) -> xgr.CompiledGrammar:
         """The grammar, or INVALID_ARGUMENT (INVALID_SCHEMA) with the library's reason."""
@@ -96,21 +107,32 @@ class GrammarCompiler:
             raise invalid_schema(message) from None
 
     def row(self, grammar: xgr.CompiledGrammar) -> RowGrammar:
-        return RowGrammar(xgr.GrammarMatcher(grammar), self._closers, self.vocab_size)
+        return RowGrammar(
+            xgr.GrammarMatcher(grammar), self._closers, self._printable, self._lengths
+        )
 
 
 class RowGrammar:
     """One request's matcher state: which tokens may come next, and the closing walk."""
 
-    def __init__(self, matcher: xgr.GrammarMatcher, closers: tuple[int, ...], vocab: int):
+    def __init__(
+        self,
+        matcher: xgr.GrammarMatcher,
+        closers: tuple[int, ...],
+        printable: torch.Tensor,
+        lengths: np.ndarray,
+    ) -> None:
         self.matcher = matcher
         self.closers = closers
-        self.vocab = vocab
+        self.lengths = lengths
+        self.vocab = len(lengths)
+        self.printable = printable  # bitmask of the tokens without control characters
         self.forced_close = False  # the budget made this row take the closing walk
-        self._bitmask = xgr.allocate_token_bitmask(1, vocab)
+        self._bitmask = xgr.allocate_token_bitmask(1, self.vocab)
 
     def fill(self, bitmask: torch.Tensor, index: int) -> None:
         self.matcher.fill_next_token_bitmask(bitmask, index)
+        bitmask[index] &= self.printable
 
     def accept(self, token: int) -> bool:
         return self.matcher.accept_token(token)
@@ -153,17 +175,17 @@ class RowGrammar:
         return walk if finished else []
 
     def _closing_token(self) -> int | None:
-        self.matcher.fill_next_token_bitmask(self._bitmask)
+        """The walk's next token: a preferred closer if allowed, else the longest allowed
+        token (key names and enum values in as few tokens as the vocabulary allows)."""
+        self.fill(self._bitmask, 0)
         bits = self._bitmask[0].numpy().view(np.uint32)
         for token in self.closers:
             if bits[token >> 5] >> (token & 31) & 1:
                 return token
-        words = np.flatnonzero(bits)
-        if not len(words):
+        allowed = np.unpackbits(bits.view(np.uint8), bitorder="little")[: self.vocab]
+        if not allowed.any():
             return None
-        word = int(words[0])
-        value = int(bits[word])
-        return word * 32 + (value & -value).bit_length() - 1
+        return int(np.argmax(np.where(allowed, self.lengths, -1)))
 
 
 def mask_logits(logits: torch.Tensor, rows: list[int], grammars: list[RowGrammar]) -> torch.Tensor:
