@@ -126,6 +126,29 @@ async def test_a_body_that_stops_arriving_is_408() -> None:
     assert sent[0]["status"] == 408
 
 
+async def test_a_stream_longer_than_the_body_timeout_is_not_cut() -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    api = FastAPI()
+
+    @api.post("/stream")
+    async def stream(body: dict) -> StreamingResponse:
+        async def slowly():
+            for part in ("a", "b", "c"):
+                await asyncio.sleep(0.2)  # the whole stream outlasts the 0.2 s body timeout
+                yield part
+
+        return StreamingResponse(slowly())
+
+    guarded = BodyLimitMiddleware(api, limit=1024, prefix_limits={}, read_timeout=0.2)
+    transport = httpx.ASGITransport(app=guarded)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        response = await client.post("/stream", json={})
+    assert response.status_code == 200
+    assert response.text == "abc"
+
+
 async def test_openapi_states_400_not_422_and_the_error_statuses(client) -> None:
     document = (await client.get("/openapi.json")).json()
     operations = [op for path in document["paths"].values() for op in path.values()]
