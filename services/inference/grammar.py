@@ -195,5 +195,10 @@ def mask_logits(logits: torch.Tensor, rows: list[int], grammars: list[RowGrammar
     for row, grammar in zip(rows, grammars, strict=True):
         grammar.fill(bitmask, row)
     masked = logits.clone()
-    xgr.apply_token_bitmask_inplace(masked, bitmask.to(logits.device), indices=rows)
+    # On a GPU, plain torch ops: xgrammar's default there is a Triton kernel compiled at run
+    # time, which needs a compiler in the image (and is not measured here).
+    backend = "cpu" if logits.device.type == "cpu" else "torch_native"
+    xgr.apply_token_bitmask_inplace(
+        masked, bitmask.to(logits.device), indices=rows, backend=backend
+    )
     return masked
