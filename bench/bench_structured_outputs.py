@@ -111,7 +111,7 @@ class LLGuidanceRows:
 
 def main() -> None:
     engine = Engine(InferenceSettings().model_dir, device="cpu", dtype="float32")
-    tokenizer, vocab = engine.tokenizer, int(engine.model.config.vocab_size)
+    tokenizer, vocab = engine.tokenizer, engine.logits_size
     text = json.dumps(DOCUMENT, separators=(",", ":"))
     tokens = [*engine.encode(text, special_tokens=False), engine.eos_token_id]
     print(

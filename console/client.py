@@ -106,6 +106,11 @@ class Gateway:
     def whoami(self) -> dict[str, str]:
         return self._json("GET", "/whoami")
 
+    def audit(self, limit: int = 100) -> list[dict]:
+        """The audit log of the tenant this (admin) client acts for, newest first."""
+        params = {"tenant": self.tenant, "limit": limit}
+        return self._json("GET", "/admin/audit", params=params)["entries"]
+
     def tenants(self) -> list[str]:
         return [t["tenant"] for t in self._json("GET", "/admin/tenants")["tenants"]]
 

@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 import uvicorn
 
 from gateway.app import create_app
+from gateway.replicas import InferenceReplicas
 from gateway.settings import GatewaySettings
 from services.common.channels import open_channel
 from services.common.logs import setup_logging
@@ -21,7 +22,7 @@ async def serve(settings: GatewaySettings) -> None:
     # Unwound by the app's lifespan shutdown: LIFO, each step runs even if one before failed.
     resources = AsyncExitStack()
     redis = await open_redis(settings.redis_url, resources)
-    channel = await resources.enter_async_context(open_channel(settings.inference_addr))
+    inference = InferenceReplicas.from_settings(settings, open_channel)
     optional = {}
     for name in ("analytics", "experiments", "activelearning", "training"):
         addr = getattr(settings, f"{name}_addr")
@@ -31,7 +32,7 @@ async def serve(settings: GatewaySettings) -> None:
     app = create_app(
         settings,
         redis=redis,
-        inference_channel=channel,
+        inference=inference,
         **optional,
         resources=resources,
     )
@@ -48,7 +49,11 @@ async def serve(settings: GatewaySettings) -> None:
     )
     log.info(
         "gateway starting",
-        extra={"host": settings.host, "port": settings.port, "inference": settings.inference_addr},
+        extra={
+            "host": settings.host,
+            "port": settings.port,
+            "inference": settings.inference_addresses or settings.inference_addr,
+        },
     )
     try:
         # On SIGTERM/SIGINT uvicorn drains requests, runs the lifespan shutdown, then

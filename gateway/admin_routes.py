@@ -17,6 +17,7 @@ from gateway.fields import UINT32_MAX
 from gateway.keys import Scope, parse_scope
 from gateway.limits import TenantLimits
 from gateway.protojson import proto_to_json
+from gateway.replicas import merge_cache_stats
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
 from services.common.keys import PLATFORM
@@ -165,5 +166,10 @@ async def register_shared_adapter(upload: UploadDep, gateway: GatewayDep) -> dic
 
 @router.get("/cache")
 async def cache_stats(gateway: GatewayDep) -> dict[str, Any]:
-    reply = await gateway.inference.CacheStats(pb.CacheStatsRequest(), timeout=gateway.timeout)
-    return proto_to_json(reply)
+    """Every inference replica's cache as one, and each replica's under `replicas`."""
+    each = await gateway.inference.each(
+        "CacheStats", pb.CacheStatsRequest(), timeout=gateway.timeout
+    )
+    merged = proto_to_json(merge_cache_stats([reply for _, reply in each]))
+    replicas = [{"address": address} | proto_to_json(reply) for address, reply in each]
+    return merged | {"replicas": replicas}

@@ -14,16 +14,19 @@ from gateway import (
     admin_routes,
     analytics_routes,
     composition_routes,
+    embeddings_routes,
     experiments_routes,
     feedback_routes,
     openai_routes,
     ops_routes,
     training_routes,
+    vllm_routes,
 )
 from gateway.audit import AuditMiddleware
 from gateway.deps import Gateway
 from gateway.errors import document_errors, install_error_handlers
 from gateway.middleware import BodyLimitMiddleware, MetricsMiddleware, UnhandledErrorMiddleware
+from gateway.replicas import InferenceReplicas
 from gateway.settings import GatewaySettings
 
 
@@ -31,22 +34,26 @@ def create_app(
     settings: GatewaySettings,
     *,
     redis: aioredis.Redis,
-    inference_channel: grpc.aio.Channel,
+    inference_channel: grpc.aio.Channel | None = None,
+    inference: InferenceReplicas | None = None,
     analytics_channel: grpc.aio.Channel | None = None,
     experiments_channel: grpc.aio.Channel | None = None,
     activelearning_channel: grpc.aio.Channel | None = None,
     training_channel: grpc.aio.Channel | None = None,
     resources: AsyncExitStack | None = None,
 ) -> FastAPI:
-    """The caller owns `redis` and the channels. `resources` (e.g. what closes them) is
+    """The inference replicas are `inference`, or the one behind `inference_channel`.
+    The caller owns `redis` and the channels. `resources` (e.g. what closes them) is
     unwound when the server stops the app, after the exporters have flushed. It has to be
     unwound there, inside the lifespan: uvicorn re-raises a caught SIGTERM once it has
     stopped (after draining requests), so code after its serve() never runs."""
 
+    if (inference is None) == (inference_channel is None):
+        raise TypeError("create_app takes inference or inference_channel, not both or neither")
     gateway = Gateway(
         settings,
         redis,
-        inference_channel,
+        inference or InferenceReplicas.single(inference_channel),
         analytics_channel,
         experiments_channel,
         activelearning_channel,
@@ -59,6 +66,8 @@ def create_app(
         async with AsyncExitStack() as stack:
             if resources is not None:
                 await stack.enter_async_context(resources)
+            await gateway.inference.start()  # health probes (and DNS lookups) of the replicas
+            stack.push_async_callback(gateway.inference.close)
             if gateway.assigner is not None:  # hears definition changes; before redis closes
                 gateway.assigner.start()
                 stack.push_async_callback(gateway.assigner.close)
@@ -83,6 +92,8 @@ def create_app(
 
     app.openapi = openapi
     app.include_router(openai_routes.router)
+    app.include_router(embeddings_routes.router)
+    app.include_router(vllm_routes.router)
     app.include_router(admin_routes.router)
     app.include_router(analytics_routes.router)
     app.include_router(experiments_routes.router)

@@ -20,7 +20,14 @@ log = logging.getLogger(__name__)
 
 AUDITED_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 # Route templates (method and path) whose successful calls are changes worth an entry.
-AUDITED_PREFIXES = ("/admin/", "/composition/", "/ab-testing/experiments", "/training/")
+AUDITED_PREFIXES = (
+    "/admin/",
+    "/composition/",
+    "/ab-testing/experiments",
+    "/training/",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+)
 MAX_ENTRIES = 100_000  # the stream is trimmed (approximately) to this many entries
 MAX_FIELD = 256  # characters kept of each field (paths carry caller-chosen names)
 

@@ -17,20 +17,19 @@ import grpc
 import redis.asyncio as aioredis
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from grpc_health.v1 import health_pb2_grpc
-from loraplex.training.v1 import training_service_pb2_grpc as tpb_grpc
 
 from gateway.active_learning_exporter import CandidateExporter
 from gateway.adapter_metrics import AdapterSeries
 from gateway.audit import AuditLog
 from gateway.keys import Caller, Scope, TenantKeyStore
 from gateway.limits import RateLimiter
+from gateway.replicas import InferenceReplicas
 from gateway.settings import GatewaySettings
 from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as alpb_grpc
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as apb_grpc
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as pb
-from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from loraplex.training.v1 import training_service_pb2_grpc as tpb_grpc
 from services.common.analytics_exporter import AnalyticsExporter, analytics_outbox
 from services.common.batch_exporter import BatchExporter
 from services.common.errors import InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
@@ -49,7 +48,7 @@ class Gateway:
         self,
         settings: GatewaySettings,
         redis: aioredis.Redis,
-        inference_channel: grpc.aio.Channel,
+        inference: InferenceReplicas,
         analytics_channel: grpc.aio.Channel | None = None,
         experiments_channel: grpc.aio.Channel | None = None,
         activelearning_channel: grpc.aio.Channel | None = None,
@@ -93,8 +92,8 @@ class Gateway:
         self.audit = AuditLog(redis)
         self.limits = RateLimiter(redis, settings.tenant_limits)
         self._charges: set[asyncio.Task] = set()
-        self.inference = pb_grpc.InferenceServiceStub(inference_channel)
-        self.inference_health = health_pb2_grpc.HealthStub(inference_channel)
+        # Used like an InferenceServiceStub; routes each call to a replica (gateway/replicas.py).
+        self.inference = inference
         # Deadline for every gRPC call made for a request.
         self.timeout = settings.request_timeout_seconds
         admin, scraper = settings.admin_key, settings.metrics_key
@@ -265,6 +264,17 @@ async def require_admin(request: Request, gateway: GatewayDep, credentials: Cred
     if credentials is None or not gateway.is_admin_key(credentials.credentials):
         raise Unauthenticated("missing or invalid admin key", reason="ADMIN_KEY_INVALID")
     request.state.actor = "admin"
+
+
+async def require_admin_for_tenant(
+    request: Request, gateway: GatewayDep, credentials: Credentials
+) -> str:
+    """The admin key acting for the tenant X-Loraplex-Tenant names (vLLM's adapter routes,
+    which sit among the tenants' /v1 routes). Any other valid key is a 403, none a 401."""
+    if credentials is not None and gateway.is_admin_key(credentials.credentials):
+        return (await _admin_for_tenant(request, gateway)).tenant
+    await authenticate(request, gateway, credentials, set())  # raises: no scope is allowed
+    raise AssertionError("authenticate() admits no key when no scope is allowed")
 
 
 TenantDep = Annotated[str, Depends(authenticate_tenant)]

@@ -130,19 +130,18 @@ class BodyLimitMiddleware:
         received = 0
         is_json = "json" in Headers(scope=scope).get("content-type", "")
         chunks: list[bytes] = []
-
         body_done = False
 
         async def receive_limited() -> Message:
             nonlocal received, body_done
-            if body_done:  # a streaming response waits here for the client to leave
+            if body_done:  # a streaming response waits here for the disconnect: no deadline
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), self.read_timeout)
             except TimeoutError:  # FastAPI re-raises HTTPExceptions from body reading
                 raise HTTPException(408, "the request body was not received in time") from None
-            body = message.get("body", b"")
             body_done = not message.get("more_body", False)
+            body = message.get("body", b"")
             received += len(body)
             if received > limit:
                 raise HTTPException(413, too_large)

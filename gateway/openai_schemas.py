@@ -78,12 +78,22 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class GenerationRequest(BaseModel):
-    # Unknown fields are allowed (clients send new options all the time); the ones that
-    # would change the output and that we cannot honour are named in `unsupported`.
-    model_config = ConfigDict(extra="allow")
-    unsupported: ClassVar[tuple[str, ...]] = ()
+class OpenAIRequest(BaseModel):
+    """The fields a subclass declares are the ones the gateway honours, and the only ones:
+    any other field is refused by name (400), unless its value is null, false, 0 or empty,
+    which for every OpenAI option is its default (clients send those)."""
 
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _reject_unsupported(self) -> OpenAIRequest:
+        used = sorted(name for name, value in (self.model_extra or {}).items() if value)
+        if used:
+            raise ValueError(f"not supported: {', '.join(used)}")
+        return self
+
+
+class GenerationRequest(OpenAIRequest):
     model: str = Field(min_length=1)
     temperature: Float | None = None
     top_p: Float | None = None
@@ -105,14 +115,6 @@ class GenerationRequest(BaseModel):
             raise ValueError("only n=1 is supported")
         return n
 
-    @model_validator(mode="after")
-    def _reject_unsupported(self) -> GenerationRequest:
-        extra = self.model_extra or {}
-        used = [name for name in self.unsupported if extra.get(name)]
-        if used:
-            raise ValueError(f"not supported: {', '.join(used)}")
-        return self
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
@@ -129,15 +131,6 @@ class GenerationRequest(BaseModel):
 
 
 class CompletionRequest(GenerationRequest):
-    unsupported = (
-        "echo",
-        "logprobs",
-        "suffix",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-    )
-
     prompt: str
     max_tokens: MaxTokens | None = None
 
@@ -174,16 +167,6 @@ class ChatMessageIn(BaseModel):
 
 
 class ChatCompletionRequest(GenerationRequest, StructuredOutputFields):
-    unsupported = (
-        "logprobs",
-        "top_logprobs",
-        "functions",
-        "logit_bias",
-        "presence_penalty",
-        "frequency_penalty",
-        "audio",
-    )
-
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: MaxTokens | None = None
     # The newer name of max_tokens; either may be sent.

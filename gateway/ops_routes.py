@@ -8,20 +8,16 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 import prometheus_client
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from grpc_health.v1 import health_pb2
 
 from gateway.deps import Credentials, Gateway, GatewayDep, authenticate, require_metrics_scope
 from gateway.keys import Scope
-from loraplex.inference.v1 import inference_service_pb2 as pb
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["ops"])
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 OK = "ok"
 
 
@@ -40,16 +36,7 @@ async def _check_redis(gateway: Gateway) -> str:
 
 
 async def _check_inference(gateway: Gateway) -> str:
-    try:
-        reply = await gateway.inference_health.Check(
-            health_pb2.HealthCheckRequest(service=INFERENCE_SERVICE),
-            timeout=gateway.settings.health_timeout_seconds,
-        )
-    except grpc.aio.AioRpcError as err:
-        return err.code().name  # UNAVAILABLE, DEADLINE_EXCEEDED, NOT_FOUND, ...
-    if reply.status != health_pb2.HealthCheckResponse.SERVING:
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    return OK
+    return await gateway.inference.health()  # "ok" while any replica is serving
 
 
 @router.get("/readyz")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import re
 import socket
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from gateway.limits import TenantLimits
+from gateway.replicas import ReplicaSource, parse_replicas
 from services.common.settings import ServiceSettings
 
 
@@ -19,6 +21,27 @@ class GatewaySettings(ServiceSettings):
     port: int = 8080
     # host:port of the inference service's gRPC server (env INFERENCE_ADDR).
     inference_addr: str = "127.0.0.1:50051"
+    # Several inference replicas (env INFERENCE_ADDRESSES), instead of inference_addr:
+    # "host:port,host:port,..." or "dns:///<name>:<port>" for every address the name
+    # resolves to (a Kubernetes headless Service), looked up again every
+    # inference_dns_refresh_seconds. Duplicates or bad addresses stop the gateway at start.
+    inference_addresses: str | None = None
+    inference_dns_refresh_seconds: float = Field(default=10.0, gt=0)
+    # affinity: an adapter's requests go to the replica that has it cached (rendezvous
+    # hashing with bounded load); round_robin: each request to the next replica.
+    inference_routing: Literal["affinity", "round_robin"] = "affinity"
+    # The ε of bounded load: a replica already serving ceil((1 + ε) * the mean in-flight
+    # requests) is passed over, so a hot adapter spills to its next replica.
+    routing_load_factor: float = Field(default=0.25, ge=0)
+    # A replica with fewer requests than this in flight is never passed over, whatever the
+    # bound: where a batch of n costs little more than one (a GPU), spilling would only
+    # load the adapter twice. 0: the bound alone (on CPU, balance pays more than hits).
+    routing_load_floor: int = Field(default=0, ge=0)
+    # A replica that fails with UNAVAILABLE (unreachable, shutting down) gets no requests
+    # for this long, unless its health check, polled every replica_probe_seconds, says
+    # SERVING sooner.
+    replica_down_seconds: float = Field(default=5.0, gt=0)
+    replica_probe_seconds: float = Field(default=1.0, gt=0)
     # host:port of the analytics service (env ANALYTICS_ADDR). Unset: no usage events are
     # exported and /analytics answers 503.
     analytics_addr: str | None = None
@@ -62,8 +85,25 @@ class GatewaySettings(ServiceSettings):
     # A request body must arrive at this pace (seconds per chunk) or get 408: half-sent
     # requests cannot hold connections open.
     body_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    # The directory POST /v1/load_lora_adapter (vLLM's route) may read adapters from, on
+    # the gateway's file system (env LORA_LOAD_DIR); its `lora_path` must resolve inside it.
+    # Unset: that route refuses every request.
+    lora_load_dir: Path | None = None
     # Idle keep-alive connections close after this many seconds (uvicorn's default is 5).
     keep_alive_timeout_seconds: float = Field(default=5.0, gt=0)
+
+    @field_validator("inference_addresses")
+    @classmethod
+    def _valid_replicas(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_replicas(value)  # refuses duplicates and bad addresses with the reason
+        return value
+
+    @property
+    def replica_source(self) -> ReplicaSource:
+        if self.inference_addresses is None:
+            return ReplicaSource(addresses=(self.inference_addr,))
+        return parse_replicas(self.inference_addresses)
 
     @property
     def instance(self) -> str:

@@ -16,7 +16,6 @@ from typing import Annotated, Any
 import grpc
 from fastapi import APIRouter, Body, Depends
 from fastapi.responses import StreamingResponse
-from loraplex.training.v1 import training_service_pb2 as tpb
 
 from gateway.deps import GatewayDep, TenantDep, require_admin
 from gateway.errors import rpc_error_response
@@ -24,6 +23,7 @@ from gateway.experiments_routes import parse_proto
 from gateway.fields import PageSize
 from gateway.protojson import proto_to_json
 from loraplex.common.v1 import common_pb2
+from loraplex.training.v1 import training_service_pb2 as tpb
 from services.common.errors import InvalidArgument
 
 router = APIRouter(prefix="/training", tags=["training"])

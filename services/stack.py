@@ -249,11 +249,20 @@ def main() -> int:
         help="the gRPC services to start, comma-separated (inference is required; the "
         "gateway answers 503 for the capabilities of those left out)",
     )
+    parser.add_argument(
+        "--inference-replicas",
+        type=int,
+        default=os.environ.get("INFERENCE_REPLICAS", "1"),
+        help="how many inference processes to start (env INFERENCE_REPLICAS); the gateway "
+        "routes each request to one of them by adapter affinity",
+    )
     args = parser.parse_args()
     services = [name for name in args.services.split(",") if name]
     unknown = sorted(set(services) - set(GRPC_SERVICES))
     if unknown or "inference" not in services:
         parser.error(f"--services takes inference plus any of {', '.join(GRPC_SERVICES)}")
+    if args.inference_replicas < 1:
+        parser.error("--inference-replicas (INFERENCE_REPLICAS) must be 1 or more")
 
     # Local state (embedded Redis data, adapter store, keys); LORAPLEX_RUN_DIR moves it.
     run_dir = Path(os.environ.get("LORAPLEX_RUN_DIR", REPO_ROOT / ".run"))
@@ -288,9 +297,19 @@ def main() -> int:
         )
         for name in services
     ]
-    children.append(
-        Child("gateway", [sys.executable, "-m", "gateway"], {**env, "PORT": str(gateway_port)})
-    )
+    # More inference replicas (INFERENCE_REPLICAS=N), each on a free port of its own; the
+    # gateway routes across all of them, the other services use the first.
+    replicas = [env["INFERENCE_ADDR"]]
+    for number in range(2, args.inference_replicas + 1):
+        port, metrics_port = free_port(), free_port()
+        replicas.append(f"127.0.0.1:{port}")
+        command = [sys.executable, "-m", "services.inference"]
+        replica_env = {**env, "PORT": str(port), "METRICS_PORT": str(metrics_port)}
+        children.append(Child(f"inference-{number}", command, replica_env))
+    gateway_env = {**env, "PORT": str(gateway_port)}
+    if len(replicas) > 1:
+        gateway_env["INFERENCE_ADDRESSES"] = ",".join(replicas)
+    children.append(Child("gateway", [sys.executable, "-m", "gateway"], gateway_env))
     # The console is a client of the gateway's HTTP API and nothing else.
     console_port = int(os.environ.get("CONSOLE_PORT", "8501"))
     console_url = f"http://127.0.0.1:{console_port}"
@@ -306,9 +325,9 @@ def main() -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         deadline = time.monotonic() + args.ready_timeout
-        for name in services:
-            addr = env[f"{name.upper()}_ADDR"]
-            wait_until(lambda a=addr: grpc_serving(a), f"{name} at {addr}", deadline, children)
+        grpc_addrs = [*replicas, *(env[f"{name.upper()}_ADDR"] for name in services)]
+        for addr in dict.fromkeys(grpc_addrs):
+            wait_until(lambda a=addr: grpc_serving(a), f"service at {addr}", deadline, children)
         wait_until(lambda: http_ready(url), f"gateway at {url}", deadline, children)
         wait_until(
             lambda: http_ready(console_url, "/_stcore/health"),

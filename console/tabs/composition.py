@@ -8,9 +8,16 @@ import pandas as pd
 import streamlit as st
 
 from console import ui
-from console.client import Gateway
+from console.client import ApiError, Gateway
 
 METHODS = ["cat", "linear", "svd", "ties", "dare_linear", "dare_ties"]
+CANDIDATE_STATUS = {
+    "CANDIDATE_STATE_CANDIDATE": "candidate",
+    "CANDIDATE_STATE_IN_EXPERIMENT": "candidate in an experiment",
+    "CANDIDATE_STATE_PROMOTED": "promoted earlier",
+    "CANDIDATE_STATE_DISCARDED": "discarded candidate",
+}
+SWAP_ACTIONS = {"POST /composition/swap": "swap", "POST /composition/rollback": "rollback"}
 
 
 def render(api: Gateway) -> None:
@@ -19,9 +26,13 @@ def render(api: Gateway) -> None:
         return
     _adapters(adapters)
     own = [a for a in adapters if not a.get("shared")]
+    stats = ui.attempt(api.cache_stats)
     if own:
+        _versions(api, own, stats)
         _swap(api, own)
-    _cache(api)
+        _history(api)
+    if stats is not None:
+        _cache(stats)
     _playground(api, [a["name"] for a in adapters])
 
 
@@ -45,6 +56,53 @@ def _adapters(adapters: list[dict]) -> None:
             for a in adapters
         ),
         hide_index=True,
+    )
+
+
+def _versions(api: Gateway, own: list[dict], stats: dict | None) -> None:
+    """Each version of the tenant's adapters up to the newest known one, with its status:
+    current (serving), a training candidate's state, or registered; and whether a cache
+    tier holds it now."""
+    try:
+        candidates = api.candidates()
+    except ApiError as err:  # no training service: no candidates to show, nothing else lost
+        if not err.not_deployed:
+            st.error(str(err), icon=":material/error:")
+        candidates = []
+    status = {
+        (c["adapter"]["name"], c["adapter"]["version"]): CANDIDATE_STATUS.get(c["state"], "")
+        for c in candidates
+    }
+    cached = {
+        (a["name"], a["version"]): t["tier"]
+        for t in reversed((stats or {}).get("tiers") or [])
+        for a in t.get("adapters", [])
+    }
+    # The gateway lists serving versions only: a version above it (after a rollback) is
+    # known from the candidates, or from having served while this session watched.
+    seen = ui.state(api).setdefault("newest_version", {})
+    rows = []
+    for adapter in own:
+        name, serving = adapter["name"], adapter["version"]
+        newest = max([serving, seen.get(name, 0)] + [v for n, v in status if n == name])
+        seen[name] = newest
+        for version in range(newest, 0, -1):
+            rows.append(
+                {
+                    "adapter": name,
+                    "version": version,
+                    "status": "current"
+                    if version == serving
+                    else status.get((name, version)) or "registered",
+                    "cached in": cached.get((name, version), ""),
+                }
+            )
+    st.subheader("Versions")
+    st.table(pd.DataFrame(rows), hide_index=True)
+    pinned = sum(t.get("pinned", 0) for t in (stats or {}).get("tiers") or [])
+    st.caption(
+        f"Pinned in the cache: {pinned} entries (the gateway does not say which). "
+        "Candidates come from training; swap to any version below."
     )
 
 
@@ -87,10 +145,37 @@ def _swap(api: Gateway, own: list[dict]) -> None:
         st.rerun()
 
 
-def _cache(api: Gateway) -> None:
-    stats = ui.attempt(api.cache_stats)
-    if stats is None:
-        return
+def _history(api: Gateway) -> None:
+    """Swaps and rollbacks from the audit log: only the admin key reads it."""
+    with st.expander("Swap history"):
+        if not api.tenant:  # a tenant key: the admin acts for a tenant it picked
+            st.caption("The swap history is in the audit log, which only the admin key reads.")
+            return
+        entries = ui.attempt(api.audit, limit=200)
+        if entries is None:
+            return
+        swaps = [e for e in entries if e["action"] in SWAP_ACTIONS][:20]
+        if not swaps:
+            st.caption("No swaps or rollbacks yet.")
+            return
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "when (UTC)": pd.to_datetime(e["at_ms"], unit="ms").strftime(
+                        "%Y-%m-%d %H:%M:%S"
+                    ),
+                    "what": SWAP_ACTIONS[e["action"]],
+                    "who": e["actor"],
+                    "HTTP status": e["status"],
+                }
+                for e in swaps
+            ),
+            hide_index=True,
+        )
+        st.caption("The audit log records who swapped and when, not the versions.")
+
+
+def _cache(stats: dict) -> None:
     st.subheader("Adapter cache")
     tiers = stats.get("tiers") or []
     if tiers:

@@ -16,6 +16,7 @@ from console import ui
 from console.client import Gateway
 
 BASE_MODEL = "(base model)"
+MAX_VARIANTS = 8
 # Metric name -> (kind, goal); rating and the success / latency family come from analytics.
 METRICS = {
     "success": ("METRIC_KIND_RATE", "METRIC_GOAL_INCREASE"),
@@ -68,18 +69,25 @@ def _table(experiments: list[dict]) -> None:
     st.dataframe(pd.DataFrame(rows), hide_index=True)
 
 
+def _variant_name(i: int) -> str:
+    return "control" if i == 0 else "treatment" if i == 1 else f"treatment-{i}"
+
+
 def _create_form(api: Gateway) -> None:
     adapters = ui.adapter_names(api)
+    # Outside the form: changing the count redraws the form with that many variants.
+    count = st.number_input("Variants", 2, MAX_VARIANTS, 2, key="ab_count")
     with st.form("new_experiment", clear_on_submit=False):
         top = st.columns([2, 3])
         key = top[0].text_input("Key", placeholder="support-v2", help="lowercase, digits, - or _")
         description = top[1].text_input("Description")
-        count = 2
         variants = []
         for i in range(count):
             cols = st.columns([1, 2, 1])
             name = cols[0].text_input(
-                f"Variant {i + 1}", value="control" if i == 0 else "treatment", key=f"ab_name_{i}"
+                f"Variant {i + 1}" + (" (control)" if i == 0 else ""),
+                value=_variant_name(i),
+                key=f"ab_name_{i}",
             )
             options = [BASE_MODEL, *adapters]
             adapter = cols[1].selectbox(
@@ -94,6 +102,12 @@ def _create_form(api: Gateway) -> None:
         metric = cols[1].selectbox("Primary metric", list(METRICS))
         mde = cols[2].number_input("Min. detectable effect", 0.0, 10.0, 0.05, 0.01)
         power = cols[3].number_input("Power", 0.5, 0.99, 0.8, 0.05)
+        guardrails = st.multiselect(
+            "Guardrail metrics",
+            list(METRICS),
+            key="ab_guardrails",
+            help="watched for harm; the primary metric decides",
+        )
         cols = st.columns(3)
         namespace = cols[0].text_input("Namespace (optional)", help="mutually exclusive tests")
         start = cols[1].number_input("Namespace from", 0.0, 1.0, 0.0, 0.1)
@@ -114,6 +128,11 @@ def _create_form(api: Gateway) -> None:
         ],
         "coverage": coverage,
         "primary_metric": {"name": metric, "kind": kind, "goal": goal},
+        "guardrail_metrics": [
+            {"name": g, "kind": METRICS[g][0], "goal": METRICS[g][1]}
+            for g in guardrails
+            if g != metric
+        ],
         "minimum_detectable_effect": mde,
         "target_power": power,
     }

@@ -1,9 +1,10 @@
 """Review (RLHF): the feedback queue that active learning fills, one leased item at a time at
 the top of the page (rating 1-5, thumbs, a pairwise choice, a correction; keys 1-5, U, D,
-S), then the queue's depth and agreement, and the export in each TRL format."""
+A, B, S), then the queue's depth and agreement, and the export in each TRL format."""
 
 from __future__ import annotations
 
+import html
 import io
 import re
 
@@ -15,6 +16,12 @@ from console.client import Gateway
 
 FORMATS = {"sft": "SFT (prompt, completion)", "dpo": "DPO (chosen, rejected)", "kto": "KTO"}
 _REVIEWER = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+ENTROPY_SCALE = 3.0  # nats: a token at or above it is shaded fully
+# A token without its text: a small box, outlined so that a certain token still shows.
+CELL = (
+    "; display: inline-block; width: 1.2em; height: 1.2em; margin-right: 2px;"
+    " border: 1px solid #ccc"
+)
 
 
 def render(api: Gateway) -> None:
@@ -61,13 +68,15 @@ def _item(api: Gateway, mine: dict, lease: dict) -> None:
     alternative = lease.get("alternative")
     if alternative:
         left, right = st.columns(2)
-        left.markdown("**Output A** (this item)")
-        left.code(item["output"], language=None, wrap_lines=True)
-        right.markdown(f"**Output B** ({alternative.get('variant') or 'another output'})")
-        right.code(alternative["output"], language=None, wrap_lines=True)
+        with left:
+            st.markdown("**Output A** (this item)")
+            _output(item)
+        with right:
+            st.markdown(f"**Output B** ({alternative.get('variant') or 'another output'})")
+            _output(alternative)
     else:
         st.markdown("**Output**")
-        st.code(item["output"], language=None, wrap_lines=True)
+        _output(item)
 
     answer = None
     cols = st.columns(8)
@@ -84,7 +93,7 @@ def _item(api: Gateway, mine: dict, lease: dict) -> None:
     if alternative:
         a, b = st.columns(2)
         for column, preferred, label in ((a, item, "A"), (b, alternative, "B")):
-            if column.button(f"Prefer {label}", key=f"prefer_{label}"):
+            if column.button(f"Prefer {label}", key=f"prefer_{label}", shortcut=label):
                 answer = {
                     "pairwise": {
                         "other_item_id": alternative["id"],
@@ -109,6 +118,35 @@ def _item(api: Gateway, mine: dict, lease: dict) -> None:
             shown = value if kind in ("rating", "thumbs") else "saved"
             mine["saved"] = f"Saved: {kind} {shown} for {item['id']}"
             st.rerun()
+
+
+def _output(item: dict) -> None:
+    """The output with each token shaded by its entropy when the item carries the tokens'
+    texts; else the plain output and a strip of the tokens' entropies in order."""
+    texts, entropies = item.get("token_texts") or [], item.get("token_entropies") or []
+    if texts and len(texts) == len(entropies) and "".join(texts) == item["output"]:
+        st.markdown(_shaded(texts, entropies), unsafe_allow_html=True)
+        st.caption(f"Shaded by entropy: white 0, darkest {ENTROPY_SCALE:g} nats or more.")
+        return
+    st.code(item["output"], language=None, wrap_lines=True)
+    if entropies:
+        st.markdown(_shaded([""] * len(entropies), entropies, cell=CELL), unsafe_allow_html=True)
+        st.caption(
+            f"Entropy of each of the {len(entropies)} tokens in order (darkest: "
+            f"{ENTROPY_SCALE:g} nats or more); this item carries no token texts."
+        )
+
+
+def _shaded(texts: list[str], entropies: list[float], cell: str = "") -> str:
+    """HTML: one span per token, its background as dark as its entropy, the value on hover.
+    The texts are the model's output, so they are escaped."""
+    spans = "".join(
+        f'<span title="entropy {e:.2f}" style="background: rgba(230, 80, 0, '
+        f'{min(e / ENTROPY_SCALE, 1):.2f}); border-radius: 2px{cell}">{html.escape(t)}</span>'
+        for t, e in zip(texts, entropies, strict=True)
+    )
+    style = "white-space: pre-wrap; line-height: 1.8"
+    return f'<div class="token-entropy" style="{style}">{spans}</div>'
 
 
 def _stats(api: Gateway) -> None:

@@ -54,6 +54,8 @@ def _new_job(api: Gateway, mine: dict) -> None:
             "upload": "a JSON Lines file (TRL format)",
         }.get,
     )
+    # Outside the form: ticking it shows the fields at once (a form reruns only on submit).
+    change = st.checkbox("Change the defaults", key="train_change")
     with st.form("new_job"):
         cols = st.columns(3)
         adapter = cols[0].text_input("Adapter name", value=own[0] if own else "my-adapter")
@@ -62,7 +64,6 @@ def _new_job(api: Gateway, mine: dict) -> None:
         upload = None
         if source == "upload":
             upload = st.file_uploader("Dataset", type=["jsonl", "json"])
-        change = st.checkbox("Change the defaults", key="train_change")
         params: dict = {}
         if change:  # unset fields keep the service's defaults
             cols = st.columns(4)
@@ -206,28 +207,69 @@ def _candidate_action(api: Gateway, ref: dict, action: str, body: dict | None = 
 
 def _federation(api: Gateway) -> None:
     own = ui.adapter_names(api, own_only=True)
+    runs = ui.state(api).setdefault("federations", [])
     with st.form("federate"):
-        chosen = st.multiselect("Participants (this tenant's adapters)", own)
+        chosen = st.multiselect("Participants (this tenant's adapters)", own, key="fed_adapters")
         samples = st.text_input("Samples per participant, in order (empty: equal weights)")
         cols = st.columns(3)
-        method = cols[0].selectbox("Method", list(FEDERATION), format_func=FEDERATION.get)
-        rank = cols[1].number_input("Rank (svd)", 0, 256, 0)
+        method = cols[0].selectbox(
+            "Method", list(FEDERATION), format_func=FEDERATION.get, key="fed_method"
+        )
+        rank = cols[1].number_input("Rank (svd; 0: the largest participant's)", 0, 256, 0)
         output = cols[2].text_input("Output name", "federated")
-        if not st.form_submit_button("Federate"):
-            return
-    counts = [int(x) for x in samples.replace(",", " ").split()] if samples.strip() else []
-    if counts and len(counts) != len(chosen):
-        st.error("Give one sample count per participant, or none.")
+        submitted = st.form_submit_button("Federate")
+    if submitted:
+        _federate(api, runs, chosen, samples, method, int(rank), output.strip())
+    if runs:
+        st.markdown("**Relative error of each aggregate** (this session's federations)")
+        st.dataframe(
+            pd.DataFrame(runs[::-1]),
+            hide_index=True,
+            column_config={"relative error": st.column_config.NumberColumn(format="%.2e")},
+        )
+        st.caption(
+            "||dW aggregate - weighted mean dW|| / ||weighted mean dW|| over all target "
+            "layers: float rounding for stack (exact), shrinking with the rank for svd, "
+            "off by design for fedavg."
+        )
+
+
+def _federate(
+    api: Gateway, runs: list, chosen: list[str], samples: str, method: str, rank: int, output: str
+) -> None:
+    try:
+        counts = [int(x) for x in samples.replace(",", " ").split()]
+    except ValueError:
+        counts = [-1]
+    if (counts and len(counts) != len(chosen)) or any(c < 0 for c in counts):
+        st.error("Give one whole number of samples per participant, or none.")
         return
     participants = [
         {"adapter": {"name": name}, "num_samples": counts[i] if counts else 0}
         for i, name in enumerate(chosen)
     ]
     body = {"participants": participants, "method": method, "rank": rank, "output_name": output}
-    reply = ui.attempt(api.federate, body)
-    if reply is not None:
-        st.success(f"Registered {_ref(reply['adapter'])} (rank {reply['rank']})")
-        st.dataframe(
-            pd.DataFrame({"participant": chosen, "weight": reply["weights"]}), hide_index=True
-        )
-        st.metric("Relative error of the aggregate dW", f"{reply['relative_error']:.2e}")
+    with st.spinner("Federating: reading the adapters, aggregating, registering the result…"):
+        reply = ui.attempt(api.federate, body)
+    if reply is None:
+        return
+    st.success(f"Registered {_ref(reply['adapter'])} (rank {reply['rank']})")
+    st.dataframe(
+        pd.DataFrame(
+            {
+                "participant": chosen,
+                "samples": [p["num_samples"] for p in participants],
+                "weight": reply["weights"],
+            }
+        ),
+        hide_index=True,
+    )
+    runs.append(
+        {
+            "result": _ref(reply["adapter"]),
+            "method": method,
+            "rank": reply["rank"],
+            "participants": ", ".join(chosen),
+            "relative error": reply["relative_error"],
+        }
+    )

@@ -88,6 +88,7 @@ class CandidateIn:
     unit_id: str = ""
     token_margins: Sequence[float] = ()
     embedding: Sequence[float] = ()
+    token_texts: Sequence[str] = ()
 
 
 @dataclass
@@ -198,6 +199,11 @@ class ActiveLearningCore:
         if len(c.unit_id) > MAX_UNIT_ID:
             raise CandidateError("unit_id is too long", reason="INVALID_UNIT_ID")
         scores = score_tokens(c.token_logprobs, c.token_entropies, c.token_margins or None)
+        if c.token_texts and len(c.token_texts) != len(c.token_entropies):
+            raise CandidateError(
+                f"{len(c.token_entropies)} tokens but {len(c.token_texts)} token texts",
+                reason="LENGTH_MISMATCH",
+            )
         dim = self.settings.embedding_dim
         if len(c.embedding):
             embedding = np.asarray(c.embedding, dtype=np.float32)
@@ -225,6 +231,8 @@ class ActiveLearningCore:
             embedding=embedding,
             priority=scores.rank_value(method),
             method=method.value,
+            token_entropies=[float(e) for e in c.token_entropies],
+            token_texts=list(c.token_texts),
         )
 
     async def submit(

@@ -190,6 +190,9 @@ class StoredCandidate:
     embedding: np.ndarray
     priority: float  # queue priority when auto-queued
     method: str  # the method that ranks it in the queue (the server's default)
+    # Per token, for the reviewer's view (texts: empty when the caller sent none).
+    token_entropies: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -203,6 +206,11 @@ class Item:
     @property
     def scores(self) -> dict[str, float]:
         return json.loads(self.get("scores", "{}"))
+
+    @property
+    def tokens(self) -> dict[str, list]:
+        """{"entropies": [...], "texts": [...]} (empty lists for items stored without)."""
+        return {"entropies": [], "texts": [], **json.loads(self.get("tokens", "{}"))}
 
 
 @dataclass(frozen=True)
@@ -276,6 +284,9 @@ class FeedbackQueue:
                 "state": "open",
                 "reviews": "0",
                 "required": str(required),
+                "tokens": json.dumps(
+                    {"entropies": c.token_entropies, "texts": c.token_texts}, ensure_ascii=False
+                ),
             }
             vector = np.concatenate([np.asarray(c.rank_values, np.float32), c.embedding])
             feat = c.adapter.encode() + b"\x00" + vector.astype(np.float32).tobytes()

@@ -57,6 +57,7 @@ def candidate_in(c: pb.Candidate) -> CandidateIn:
         unit_id=c.unit_id,
         token_margins=c.token_margins,
         embedding=c.embedding,
+        token_texts=c.token_texts,
     )
 
 
@@ -68,6 +69,7 @@ def _timestamp(seconds: float) -> Timestamp:
 
 def item_proto(item: Item) -> pb.QueueItem:
     scores = item.scores
+    tokens = item.tokens
     method = item.get("method") or "entropy"
     return pb.QueueItem(
         id=item.id,
@@ -83,6 +85,8 @@ def item_proto(item: Item) -> pb.QueueItem:
         create_time=_timestamp(float(item.get("created", "0") or 0)),
         reviews=int(item.get("reviews", "0") or 0),
         reviews_required=int(item.get("required", "1") or 1),
+        token_entropies=tokens["entropies"],
+        token_texts=tokens["texts"],
     )
 
 

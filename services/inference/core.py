@@ -47,6 +47,15 @@ def _first_set(*values: float | None) -> float:
     return next(v for v in values if v is not None)
 
 
+def _check_embed_count(count: int) -> None:
+    if count > MAX_EMBED_TEXTS:
+        raise InvalidArgument(
+            f"{count} texts in one call, at most {MAX_EMBED_TEXTS} are allowed",
+            reason="TOO_MANY_TEXTS",
+            max_texts=str(MAX_EMBED_TEXTS),
+        )
+
+
 @dataclass(frozen=True)
 class SamplingRequest:
     """Sampling parameters as the caller sent them (None: not set)."""
@@ -134,7 +143,7 @@ class InferenceCore:
         s = self.settings
         self._engine = engine = await asyncio.to_thread(Engine, s.model_dir, s.device, s.dtype)
         self._grammars = await asyncio.to_thread(
-            GrammarCompiler, engine.tokenizer, engine.vocab_size, engine.eos_token_id
+            GrammarCompiler, engine.tokenizer, engine.logits_size, engine.eos_token_id
         )
         self._scheduler = Scheduler(self._engine, s.batching_limits())
         self._scheduler.start()
@@ -353,7 +362,9 @@ class InferenceCore:
             stop=params.stop,
         )
 
-    def _prompt_text(self, prompt: str, messages: list[dict[str, str]]) -> str:
+    def _prompt_text(
+        self, prompt: str, messages: list[dict[str, str]], generation_prompt: bool = True
+    ) -> str:
         if prompt and messages:
             raise InvalidArgument("give either a prompt or messages, not both", reason="BAD_INPUT")
         if messages:
@@ -362,7 +373,7 @@ class InferenceCore:
                 raise InvalidArgument(
                     f"unknown message roles: {', '.join(bad)}", reason="BAD_MESSAGES"
                 )
-            return self.engine.render_chat(messages)
+            return self.engine.render_chat(messages, generation_prompt)
         if not prompt:
             raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
         return prompt
@@ -470,17 +481,38 @@ class InferenceCore:
         """(one unit vector per text, tokens per text, dimension, the adapter that served):
         the masked mean of the last hidden state. Texts longer than the context are refused
         (CONTEXT_LENGTH_EXCEEDED) unless truncate, which keeps their first tokens."""
-        engine = self.engine
         if not texts or any(not t for t in texts):
             raise InvalidArgument("give one or more non-empty texts", reason="BAD_INPUT")
-        if len(texts) > MAX_EMBED_TEXTS:
-            raise InvalidArgument(
-                f"{len(texts)} texts in one call, at most {MAX_EMBED_TEXTS} are allowed",
-                reason="TOO_MANY_TEXTS",
-                max_texts=str(MAX_EMBED_TEXTS),
-            )
-        context = engine.context_length
+        _check_embed_count(len(texts))
         ids = [await self._encode(t, truncate=truncate) for t in texts]
+        return await self._embed_ids(tenant, adapter_name, adapter_version, ids, truncate)
+
+    async def embed_tokens(
+        self,
+        tenant: str,
+        adapter_name: str,
+        adapter_version: int,
+        inputs: list[list[int]],
+        truncate: bool = False,
+    ) -> tuple[list[list[float]], list[int], int, AdapterRecord | None]:
+        """embed() of token-id sequences, used as they are."""
+        if not inputs or any(not seq for seq in inputs):
+            raise InvalidArgument("give one or more non-empty token lists", reason="BAD_INPUT")
+        _check_embed_count(len(inputs))
+        for seq in inputs:
+            self._check_token_ids(seq)
+        return await self._embed_ids(tenant, adapter_name, adapter_version, inputs, truncate)
+
+    async def _embed_ids(
+        self,
+        tenant: str,
+        adapter_name: str,
+        adapter_version: int,
+        ids: list[list[int]],
+        truncate: bool,
+    ) -> tuple[list[list[float]], list[int], int, AdapterRecord | None]:
+        engine = self.engine
+        context = engine.context_length
         for index, seq in enumerate(ids):
             if len(seq) > context and not truncate:
                 raise InvalidArgument(
@@ -511,6 +543,41 @@ class InferenceCore:
             start = end
         dimension = len(vectors[0])
         return vectors, [len(seq) for seq in ids], dimension, record
+
+    # -- tokenizer --------------------------------------------------------------------------
+
+    async def tokenize(
+        self,
+        tenant: str,
+        adapter_name: str,
+        adapter_version: int,
+        prompt: str = "",
+        messages: list[dict[str, str]] | None = None,
+        special_tokens: bool = True,
+        generation_prompt: bool = True,
+    ) -> list[int]:
+        """The token ids generation would see for this prompt or these messages (with the
+        defaults). The adapter is only checked: the tenant must be able to use it."""
+        await self.resolve(tenant, adapter_name, adapter_version)
+        text = self._prompt_text(prompt, messages or [], generation_prompt)
+        return await self._encode(text, special_tokens=special_tokens)
+
+    async def detokenize(
+        self, tenant: str, adapter_name: str, adapter_version: int, tokens: list[int]
+    ) -> str:
+        await self.resolve(tenant, adapter_name, adapter_version)
+        self._check_token_ids(tokens)
+        return await asyncio.to_thread(self.engine.detokenize, tokens)
+
+    def _check_token_ids(self, tokens: list[int]) -> None:
+        vocab = self.engine.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidArgument(
+                f"token id {bad} is not in the vocabulary (0 to {vocab - 1})",
+                reason="BAD_TOKEN_ID",
+                vocab_size=str(vocab),
+            )
 
     async def _encode(
         self, text: str, *, truncate: bool = False, special_tokens: bool = True

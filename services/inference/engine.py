@@ -58,8 +58,10 @@ class Engine:
         self.model.to(self.device).eval()
         self.architecture = type(self.model).__name__
         self.context_length = int(self.model.config.max_position_embeddings)
-        self.vocab_size = int(self.model.config.vocab_size)  # the logits' width
+        self.logits_size = int(self.model.config.vocab_size)  # the width of the logits
         self.eos_token_id = self.tokenizer.eos_token_id
+        # Ids a caller may send: known to the tokenizer and inside the embedding matrix.
+        self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
         # No token covers more characters than the vocabulary's longest entry, so a text
         # longer than this cannot fit the context: refused before it is tokenized.
         longest_token = max(len(token) for token in self.tokenizer.get_vocab())
@@ -127,9 +129,12 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def token_strings(self, tokens: list[int]) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=generation_prompt
         )
 
     # -- model calls ----------------------------------------------------------------------

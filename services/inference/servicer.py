@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from loraplex.common.v1 import common_pb2
@@ -146,7 +149,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             "adapter_version": request.adapter.version,
             "params": sampling_request(request.params),
             "prompt": request.prompt,
-            "messages": [{"role": m.role, "content": m.content} for m in request.messages],
+            "messages": chat_messages(request.messages),
             "composition": composition_request(request.composition),
             "grammar": grammar_request(request),
         }
@@ -184,20 +187,48 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         )
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
-        vectors, tokens, dimension, record = await self.core.embed(
+        return embed_response(
+            *await self.core.embed(
+                request.tenant,
+                request.adapter.name,
+                request.adapter.version,
+                list(request.texts),
+                truncate=request.truncate,
+            )
+        )
+
+    async def EmbedTokens(self, request: pb.EmbedTokensRequest, context) -> pb.EmbedResponse:
+        return embed_response(
+            *await self.core.embed_tokens(
+                request.tenant,
+                request.adapter.name,
+                request.adapter.version,
+                [list(i.ids) for i in request.inputs],
+                truncate=request.truncate,
+            )
+        )
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        tokens = await self.core.tokenize(
             request.tenant,
             request.adapter.name,
             request.adapter.version,
-            list(request.texts),
-            truncate=request.truncate,
+            prompt=request.prompt,
+            messages=chat_messages(request.messages),
+            special_tokens=_flag(request, "add_special_tokens"),
+            generation_prompt=_flag(request, "add_generation_prompt"),
         )
-        return pb.EmbedResponse(
-            embeddings=[
-                pb.Embedding(values=v, num_tokens=n) for v, n in zip(vectors, tokens, strict=True)
-            ],
-            dimension=dimension,
-            adapter=adapter_ref(record),
+        engine = self.core.engine
+        strings = engine.token_strings(tokens) if request.return_token_strs else []
+        return pb.TokenizeResponse(
+            tokens=tokens, token_strs=strings, max_model_len=engine.context_length
         )
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context):
+        text = await self.core.detokenize(
+            request.tenant, request.adapter.name, request.adapter.version, list(request.tokens)
+        )
+        return pb.DetokenizeResponse(prompt=text)
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context):
         records, next_token = await self.core.registry.list(
@@ -303,6 +334,27 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     async def DiscardCandidate(self, request: pb.DiscardCandidateRequest, context):
         record = await self.versions.discard(request.tenant, request.name, request.version)
         return pb.DiscardCandidateResponse(adapter=adapter_info(record))
+
+
+def chat_messages(messages: Iterable[pb.ChatMessage]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def _flag(request: Message, field: str) -> bool:
+    """An optional bool that defaults to true."""
+    return getattr(request, field) if request.HasField(field) else True
+
+
+def embed_response(
+    vectors: list[list[float]], tokens: list[int], dimension: int, record: AdapterRecord | None
+) -> pb.EmbedResponse:
+    return pb.EmbedResponse(
+        embeddings=[
+            pb.Embedding(values=v, num_tokens=n) for v, n in zip(vectors, tokens, strict=True)
+        ],
+        dimension=dimension,
+        adapter=adapter_ref(record),
+    )
 
 
 def swap_fields(result: SwapResult) -> dict:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import grpc
 import redis.asyncio as aioredis
-from loraplex.training.v1 import training_service_pb2_grpc as pb_grpc
 
+from loraplex.training.v1 import training_service_pb2_grpc as pb_grpc
 from services.common.server import Server, ServiceSpec
 from services.training.core import TrainingCore
 from services.training.servicer import SERVICE_NAME, TrainingServicer

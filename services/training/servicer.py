@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
-from loraplex.training.v1 import training_service_pb2 as pb
-from loraplex.training.v1 import training_service_pb2_grpc as pb_grpc
 
 from loraplex.common.v1 import common_pb2
+from loraplex.training.v1 import training_service_pb2 as pb
+from loraplex.training.v1 import training_service_pb2_grpc as pb_grpc
 from services.training.candidates import CandidateRecord
 from services.training.core import DataSource, Participant, TrainingCore
 from services.training.jobs import Job

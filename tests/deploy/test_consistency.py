@@ -305,3 +305,26 @@ def test_grace_periods_are_durations() -> None:
     compose = parse_duration(compose_config("cpu")["services"]["inference"]["stop_grace_period"])
     k8s = by_kind(overlay("dev"), "Deployment")["inference"]["spec"]["template"]["spec"]
     assert timedelta(seconds=compose) == timedelta(seconds=k8s["terminationGracePeriodSeconds"])
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_gateway_finds_every_inference_pod_through_a_headless_service(name: str) -> None:
+    docs = overlay(name)
+    source = k8s_settings(docs)["gateway"][1].replica_source
+    service = by_kind(docs, "Service")[source.dns_name]
+    inference = by_kind(docs, "Deployment")["inference"]
+    assert service["spec"]["clusterIP"] == "None"  # one DNS record per pod, not one VIP
+    assert service["spec"]["selector"] == inference["spec"]["selector"]["matchLabels"]
+    (container,) = inference["spec"]["template"]["spec"]["containers"]
+    target = named_port(service["spec"]["ports"], "grpc", "targetPort")
+    assert named_port(container["ports"], "grpc") == source.dns_port
+    assert named_port(service["spec"]["ports"], "grpc", "port") == source.dns_port
+    assert target in ("grpc", source.dns_port)
+
+
+@pytest.mark.parametrize("variant", sorted(COMPOSE_FILES))
+def test_the_compose_gateway_finds_every_inference_container(variant: str) -> None:
+    settings = compose_settings(variant)
+    source = settings["gateway"].replica_source
+    assert source.dns_name == "inference"  # Docker's DNS lists every scaled container
+    assert source.dns_port == settings["services.inference"].port

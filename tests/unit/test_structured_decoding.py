@@ -60,7 +60,7 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def grammars(engine) -> GrammarCompiler:
-    return GrammarCompiler(engine.tokenizer, engine.vocab_size, engine.eos_token_id)
+    return GrammarCompiler(engine.tokenizer, engine.logits_size, engine.eos_token_id)
 
 
 @pytest.fixture(scope="module")

@@ -62,6 +62,10 @@ def complete(http: httpx.Client, prompt: str, model: str = ADAPTER) -> dict:
 
 @pytest.fixture(scope="session")
 def console_tenant(stack) -> ConsoleTenant:
+    return new_console_tenant(stack)
+
+
+def new_console_tenant(stack) -> ConsoleTenant:
     """A tenant of its own: `support` v1 (retailer's demo weights) and v2 (bank's, of another
     rank), v2 serving; four completions on it, counted by analytics and queued for review."""
     admin = httpx.Client(

@@ -3,6 +3,7 @@ person sees after each action, checked against what the gateway then says."""
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import httpx
@@ -92,15 +93,26 @@ def test_an_experiment_is_created_started_and_stopped(console_tenant: ConsoleTen
     key = f"console-{uuid.uuid4().hex[:6]}"
     at = tab_test("experiments", console_tenant.api()).run()
     no_errors(at)
+    at.number_input(key="ab_count").set_value(3).run()  # three variants
     at.text_input[0].input(key)
-    at.selectbox(key="ab_adapter_0").set_value(ADAPTER)
-    at.selectbox(key="ab_adapter_1").set_value("(base model)")
+    for i, (adapter, weight) in enumerate([(ADAPTER, 0.5), ("(base model)", 0.3), (ADAPTER, 0.2)]):
+        at.selectbox(key=f"ab_adapter_{i}").set_value(adapter)
+        at.number_input(key=f"ab_weight_{i}").set_value(weight)
+    at.multiselect(key="ab_guardrails").set_value(["latency_ms"])
     at.button[0].click().run()  # the form's submit button
     no_errors(at)
     experiment = console_tenant.http().get(f"/ab-testing/experiments/{key}").json()
     assert experiment["status"] == "EXPERIMENT_STATUS_DRAFT"
-    adapters = [[a["name"] for a in v["adapters"]] for v in experiment["variants"]]
-    assert adapters == [[ADAPTER], []]
+    variants = [
+        (v["name"], [a["name"] for a in v["adapters"]], v["traffic_weight"])
+        for v in experiment["variants"]
+    ]
+    assert variants == [
+        ("control", [ADAPTER], 0.5),
+        ("treatment", [], 0.3),
+        ("treatment-2", [ADAPTER], 0.2),
+    ]
+    assert [m["name"] for m in experiment["guardrail_metrics"]] == ["latency_ms"]
     assert at.selectbox(key="ab_experiment").value == key
     assert f"**{key}** is **draft**" in texts(at)
     at.button(key="ab_start").click().run()
@@ -141,6 +153,14 @@ def test_review_rates_one_item_after_another(console_tenant: ConsoleTenant) -> N
         assert at.code[0].value in PROMPTS  # the prompt, at the top
         item = next(c.value for c in at.caption if c.value.startswith("Item "))
         seen.append(item.split(" · ")[0])
+        # Served with max_tokens 8: at most 8 tokens' entropies, one shaded cell each; the
+        # item's entropy score is their mean.
+        tokens = re.search(r"Entropy of each of the (\d+) tokens", texts(at))
+        assert tokens and 1 <= int(tokens[1]) <= 8
+        leased = at.session_state["per_tenant"]["_own"]["lease"]["item"]
+        assert len(leased["token_entropies"]) == int(tokens[1])
+        mean = sum(leased["token_entropies"]) / int(tokens[1])
+        assert f"(entropy {mean:.3f}," in item
         at.button(key=answer).click().run()
         no_errors(at)
     assert len(set(seen)) == 3  # a new item each time
@@ -165,9 +185,15 @@ def test_composition_swaps_after_confirmation_and_rolls_back(
         adapters = http.get("/composition/adapters").json()["adapters"]
         return next(a["version"] for a in adapters if a["name"] == ADAPTER)
 
+    def statuses(at: AppTest) -> dict[int, str]:
+        versions = at.table[0].value
+        return dict(zip(versions["version"], versions["status"], strict=True))
+
     at = tab_test("composition", console_tenant.api()).run()
     no_errors(at)
     assert at.dataframe[0].value["serving version"].tolist()[0] == serving() == 2
+    assert statuses(at) == {2: "current", 1: "registered"}
+    assert "only the admin key reads" in texts(at)  # the swap history, for a tenant key
     at.number_input(key="swap_version").set_value(1)
     at.button(key="swap").click().run()
     assert "Confirm: serve support v1 instead of v2?" in texts(at)
@@ -176,6 +202,7 @@ def test_composition_swaps_after_confirmation_and_rolls_back(
     no_errors(at)
     assert serving() == 1
     assert "Swapped support: v2 → v1" in texts(at)
+    assert statuses(at) == {2: "registered", 1: "current"}
     at.button(key="rollback").click().run()
     at.button(key="swap_confirm").click().run()
     no_errors(at)
@@ -205,6 +232,12 @@ def test_the_admin_acts_for_the_tenant_it_picked(console_tenant: ConsoleTenant) 
     assert [a["name"] for a in admin.adapters()] == [ADAPTER]
     admin.rollback(ADAPTER)  # a change made for the tenant is the admin's in the audit log
     admin.swap(ADAPTER, 2)
+    # The Composition tab shows the admin that history, newest first.
+    at = tab_test("composition", admin).run()
+    no_errors(at)
+    history = next(d.value for d in at.dataframe if "what" in d.value.columns)
+    assert history["what"].tolist()[:2] == ["swap", "rollback"]
+    assert history["who"].tolist()[:2] == ["admin", "admin"]
     audit = httpx.get(
         f"{console_tenant.url}/admin/audit",
         params={"tenant": console_tenant.tenant, "limit": 2},
@@ -214,3 +247,44 @@ def test_the_admin_acts_for_the_tenant_it_picked(console_tenant: ConsoleTenant) 
         ("admin", "POST /composition/swap"),
         ("admin", "POST /composition/rollback"),
     ]
+
+
+def test_review_shades_each_token_by_its_entropy() -> None:
+    """The item's tokens, each with its entropy: shaded in order, the text escaped (it is
+    the model's output), the value on hover."""
+    pieces, entropies = ["Agent:", " <b>no</b>", " refund", "."], [0.3, 3.6, 1.5, 0.0]
+    item = {
+        "id": "c1",
+        "prompt": "Customer: Can I return it?",
+        "output": "".join(pieces),
+        "adapter": {"name": "support", "version": 2},
+        "scores": {"entropy": 1.35, "max_entropy": 3.6, "least_confidence": 0.9},
+        "priority": 1.35,
+        "reviews": 0,
+        "reviews_required": 1,
+        "token_entropies": entropies,
+        "token_texts": pieces,
+    }
+    stats = {"queued": 1, "leased": 1, "open": 0, "closed": 0, "feedback": {}}
+
+    def gateway(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/feedback/next":
+            return httpx.Response(200, json={"item": item, "lease_id": "l1", "alternative": None})
+        return httpx.Response(200, json={**stats, "rating_alpha": None, "thumbs_alpha": None})
+
+    api = Gateway("http://gateway", "lpx_key", transport=httpx.MockTransport(gateway))
+    at = tab_test("review", api).run()
+    no_errors(at)
+    shaded = next(m.value for m in at.markdown if "token-entropy" in m.value)
+    span = r'<span title="entropy ([\d.]+)" style="background: [^;]*, ([\d.]+)\)'
+    spans = re.findall(span, shaded)
+    # Alpha = entropy / 3 nats, capped at 1 (hand-computed).
+    assert spans == [("0.30", "0.10"), ("3.60", "1.00"), ("1.50", "0.50"), ("0.00", "0.00")]
+    assert "&lt;b&gt;no&lt;/b&gt;" in shaded and "<b>" not in shaded
+    assert "Shaded by entropy" in texts(at)
+    # An item without the tokens' texts: the plain output and a strip of its entropies.
+    del item["token_texts"]
+    at = tab_test("review", api).run()
+    no_errors(at)
+    assert at.code[1].value == item["output"]
+    assert "entropy of each of the 4 tokens" in texts(at).lower()

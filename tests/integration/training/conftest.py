@@ -15,8 +15,8 @@ from pathlib import Path
 import grpc
 import pytest
 import redis.asyncio as aioredis
-from loraplex.training.v1 import training_service_pb2_grpc as pb_grpc
 
+from loraplex.training.v1 import training_service_pb2_grpc as pb_grpc
 from services.common.channels import open_channel
 from services.common.redis import connect
 from services.common.server import Server

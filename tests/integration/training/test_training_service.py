@@ -9,13 +9,13 @@ import json
 import grpc
 import numpy as np
 import pytest
-from loraplex.training.v1 import training_service_pb2 as pb
 from safetensors.numpy import load, save
 
 from loraplex.common.v1 import common_pb2
 from loraplex.experiments.v1 import experiments_service_pb2 as xpb
 from loraplex.experiments.v1 import experiments_service_pb2_grpc as xpb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as ipb
+from loraplex.training.v1 import training_service_pb2 as pb
 from tests.helpers import DEMO_ADAPTERS, adapter_files, error_reason, new_tenant, register
 from tests.training_data import reference_pairs, to_jsonl
 

@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from loraplex.training.v1 import training_service_pb2 as pb
 
+from loraplex.training.v1 import training_service_pb2 as pb
 from services.common.channels import open_channel
 from services.common.redis import connect
 from services.common.settings import REPO_ROOT

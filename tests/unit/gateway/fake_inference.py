@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from grpc_health.v1.health_pb2 import HealthCheckResponse
 
-from gateway.ops_routes import INFERENCE_SERVICE
+from gateway.replicas import INFERENCE_SERVICE
 from gateway.settings import GatewaySettings
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb

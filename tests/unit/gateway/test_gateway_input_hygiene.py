@@ -126,27 +126,54 @@ async def test_a_body_that_stops_arriving_is_408() -> None:
     assert sent[0]["status"] == 408
 
 
-async def test_a_stream_longer_than_the_body_timeout_is_not_cut() -> None:
+async def test_a_stream_outlasting_the_body_read_timeout_is_not_cut() -> None:
+    """Once the body is in, a streaming response (SSE: job progress, tokens) waits on
+    `receive` for the disconnect for as long as it streams: the body deadline must not apply."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
     api = FastAPI()
 
-    @api.post("/stream")
-    async def stream(body: dict) -> StreamingResponse:
-        async def slowly():
-            for part in ("a", "b", "c"):
-                await asyncio.sleep(0.2)  # the whole stream outlasts the 0.2 s body timeout
-                yield part
+    @api.get("/events")
+    async def events() -> StreamingResponse:
+        async def ticks():
+            for i in range(4):
+                await asyncio.sleep(0.2)
+                yield f"tick {i}\n".encode()
 
-        return StreamingResponse(slowly())
+        return StreamingResponse(ticks(), media_type="text/event-stream")
 
-    guarded = BodyLimitMiddleware(api, limit=1024, prefix_limits={}, read_timeout=0.2)
-    transport = httpx.ASGITransport(app=guarded)
-    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-        response = await client.post("/stream", json={})
-    assert response.status_code == 200
-    assert response.text == "abc"
+    messages = [{"type": "http.request", "body": b"", "more_body": False}]
+
+    async def receive() -> dict:
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(3600)  # the client stays connected
+        raise AssertionError("unreachable")
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    guarded = BodyLimitMiddleware(api, limit=1024, prefix_limits={}, read_timeout=0.1)
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "path": "/events",
+        "raw_path": b"/events",
+        "query_string": b"",
+        "root_path": "",
+        "scheme": "http",
+        "server": ("gateway", 80),
+        "headers": [],
+    }
+    await asyncio.wait_for(guarded(scope, receive, send), timeout=10)
+    assert sent[0]["status"] == 200
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert body == b"tick 0\ntick 1\ntick 2\ntick 3\n"
 
 
 async def test_openapi_states_400_not_422_and_the_error_statuses(client) -> None:

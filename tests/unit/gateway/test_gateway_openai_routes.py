@@ -121,10 +121,22 @@ async def test_unsupported_or_malformed_completion_options_are_400(
     assert not fake.requests["Generate"]
 
 
-async def test_unknown_options_are_ignored(client: httpx.AsyncClient, bank: dict[str, str]) -> None:
-    body = completion(echo=False, logprobs=None, stream=False, n=1, some_future_option="x")
+async def test_options_left_at_their_defaults_are_accepted(
+    client: httpx.AsyncClient, bank: dict[str, str]
+) -> None:
+    body = completion(echo=False, logprobs=None, presence_penalty=0, tools=[], some_option="")
     response = await client.post("/v1/completions", json=body, headers=bank)
     assert response.status_code == 200, response.text
+
+
+async def test_unknown_options_that_are_set_are_refused_by_name(
+    client: httpx.AsyncClient, bank: dict[str, str], fake: FakeInference
+) -> None:
+    body = completion(top_k=5, some_future_option="x")  # vLLM's top_k would change the output
+    response = await client.post("/v1/completions", json=body, headers=bank)
+    error = assert_error(response, 400, "INVALID_ARGUMENT")
+    assert "some_future_option" in error["message"] and "top_k" in error["message"]
+    assert not fake.requests["Generate"]
 
 
 # --- completions ------------------------------------------------------------------------
