@@ -80,8 +80,8 @@ class StructuredPlan:
     schema: str | None = None  # JSON Schema text; "" any object; None: free text
     named: str | None = None  # tool_choice named this function: the text is its arguments
     required: bool = False  # tool_choice "required": the text is a list of calls
-    _ids: list[str] = field(default_factory=list)
-    _opened = False
+    _ids: list[str] = field(default_factory=list)  # tool-call ids, one per call
+    _opened: bool = False  # the named call's first delta (id, type, name) is out
 
     @property
     def calls_tools(self) -> bool:

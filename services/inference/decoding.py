@@ -10,7 +10,9 @@ The batch is data; the model is a `ModelRunner` it is handed (the engine): one f
 over plain tensors, nothing more. Rows share a forward pass but never their failures: a row
 whose logits are not finite fails alone, and a forward pass that raises is retried on halves
 of the batch until the rows that cause it are found and failed, so one tenant's bad numbers
-never fail another tenant's request.
+never fail another tenant's request. A row with a structured output carries its grammar
+(services.inference.grammar): its logits are masked before sampling; other rows are not
+touched.
 """
 
 from __future__ import annotations

@@ -189,3 +189,18 @@ def test_a_schema_that_cannot_compile_is_invalid_argument(grammars, schema, word
         grammars.compile(GrammarRequest(text))
     assert caught.value.reason == "INVALID_SCHEMA"
     assert words.lower() in caught.value.message.lower()
+
+
+def test_a_token_the_grammar_refuses_fails_that_row_only(engine, grammars):
+    class Refusing:  # a matcher disagreeing with its own mask (a library bug)
+        forced_close = False
+
+        def accept(self, token: int) -> bool:
+            return False
+
+    broken = row(engine, grammars, None)
+    broken.grammar = Refusing()
+    broken.accept(5, -0.1, 0.5, engine.eos_token_id, engine.detokenize)
+    assert broken.finish_reason == "error"
+    assert broken.error.reason == "GRAMMAR_ERROR"
+    assert broken.tokens == []
