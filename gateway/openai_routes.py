@@ -126,7 +126,10 @@ class _Call:
             gateway.charge_tokens(self.caller, usage.total_tokens)
         if self.route.in_experiment:
             EXPERIMENT_REQUESTS.labels(self.route.experiment, self.route.variant).inc()
-        if gateway.candidates is not None and "reply" in outcome:  # active-learning candidate
+        # An active-learning candidate: one prompt (or conversation) given as text.
+        request = self.request
+        single = bool(request.prompt or request.messages)
+        if gateway.candidates is not None and "reply" in outcome and single:
             gateway.candidates.completion(
                 tenant, self.request, outcome["reply"], self.route, self.base_id
             )
@@ -150,7 +153,7 @@ async def _start(
     max_tokens: int,
     request_id: str,
     *,
-    prompt: str = "",
+    prompts: list[str] | list[list[int]] = (),
     messages: Sequence[pb.ChatMessage] = (),
 ) -> _Call:
     ceiling, tenant = caller.max_tokens_per_request, caller.tenant
@@ -160,18 +163,24 @@ async def _start(
             reason="MAX_TOKENS_OVER_LIMIT",
             limit=str(ceiling),
         )
-    max_tokens = max_tokens or ceiling  # 0 asks for as many as fit: no more than allowed
+    params = body.sampling_params(max_tokens or ceiling)  # 0: as many as fit, if allowed
     info = await gateway.model_info()
     route = await _route(gateway, tenant, body, info.model_id)
     request = pb.GenerateRequest(
         tenant=tenant,
         adapter=route.adapter,
         composition=route.composition,
-        prompt=prompt,
         messages=messages,
-        params=body.sampling_params(max_tokens),
+        params=params,
         request_id=request_id,
     )
+    if prompts and isinstance(prompts[0], str):
+        if len(prompts) == 1:
+            request.prompt = prompts[0]
+        else:
+            request.prompts.extend(prompts)
+    elif prompts:
+        request.prompt_token_ids.extend(pb.TokenIds(ids=ids) for ids in prompts)
     return _Call(gateway, caller, request, route, info.model_id, time.perf_counter())
 
 
@@ -187,7 +196,7 @@ async def _generate(call: _Call) -> pb.GenerateResponse:
 
 async def _stream(
     call: _Call,
-    delta: Callable[[str], dict[str, Any] | None],
+    delta: Callable[[pb.GenerateStreamResponse], dict[str, Any] | None],
     finish: Callable[[pb.GenerateResponse], list[dict[str, Any]]],
 ) -> StreamingResponse:
     """Server-sent events as OpenAI streams them. The first message is awaited here, so a
@@ -203,12 +212,13 @@ async def _stream(
     async def events() -> AsyncIterator[str]:
         message = first
         try:
-            while not message.HasField("final"):
-                if message.text and (chunk := delta(message.text)) is not None:
+            while True:  # the last message may carry text too
+                carries = message.text or message.logprobs or message.prompt_logprobs
+                if carries and (chunk := delta(message)) is not None:
                     yield _sse(chunk)
+                if message.HasField("final"):
+                    break
                 message = await anext(messages)
-            if message.text and (chunk := delta(message.text)) is not None:
-                yield _sse(chunk)
             await call.record(message.final.adapter, reply=message.final)
             for chunk in finish(message.final):
                 yield _sse(chunk)
@@ -229,10 +239,6 @@ def _json(payload: dict[str, Any]) -> JSONResponse:
 
 def _sse(payload: dict[str, Any]) -> str:
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def _finish_reason(reply: pb.GenerateResponse) -> str:
-    return "length" if reply.finish_reason == pb.FINISH_REASON_LENGTH else "stop"
 
 
 def _header(request_id: str, kind: str, body: GenerationRequest) -> dict[str, Any]:
@@ -267,14 +273,71 @@ def _envelope(
 
 
 def _final_chunks(
-    head: dict[str, Any], choice: dict[str, Any], reply: pb.GenerateResponse, call: _Call, body
+    head: dict[str, Any],
+    last: Callable[[pb.Choice], dict[str, Any]],
+    reply: pb.GenerateResponse,
+    call: _Call,
+    body,
 ) -> list[dict[str, Any]]:
-    """The last chunk of a stream (finish reason, loraplex extras) and, when the client
-    asked with stream_options.include_usage, OpenAI's usage chunk with no choices."""
-    chunks = [head | {"choices": [choice], "loraplex": _extras(reply, call.route)}]
+    """The last chunk of each choice (its finish reason; the last one carries the loraplex
+    extras) and, when the client asked with stream_options.include_usage, OpenAI's usage
+    chunk with no choices."""
+    chunks = [head | {"choices": [last(c)]} for c in _choices(reply)]
+    chunks[-1] = chunks[-1] | {"loraplex": _extras(reply, call.route)}
     if body.include_usage:
         chunks.append(head | {"choices": [], "usage": proto_to_json(reply.usage)})
     return chunks
+
+
+def _choices(reply: pb.GenerateResponse) -> Sequence[pb.Choice]:
+    """Every choice of a reply; one without `choices` (from an inference service older
+    than this gateway) has its one choice in the top-level fields."""
+    if reply.choices:
+        return reply.choices
+    return [pb.Choice(text=reply.text, finish_reason=reply.finish_reason)]
+
+
+def _finish_reason(choice: pb.Choice) -> str:
+    return "length" if choice.finish_reason == pb.FINISH_REASON_LENGTH else "stop"
+
+
+def _logprob(entry: pb.TokenLogprob) -> float | None:
+    return entry.logprob if entry.HasField("logprob") else None
+
+
+def _completion_logprobs(entries: Sequence[pb.TokenLogprob], text_start: int = 0) -> dict[str, Any]:
+    """OpenAI's completions `logprobs` object. top_logprobs holds the asked-for most
+    likely tokens and the chosen one (so up to logprobs + 1, as OpenAI's); text_offset is
+    where each token's text starts in the choice's text, counted as vLLM counts it (the
+    sum of the token texts before it)."""
+    offsets, offset = [], text_start
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry.token)
+    tops = []
+    for entry in entries:
+        if not entry.HasField("logprob"):
+            tops.append(None)
+            continue
+        top = {t.token: t.logprob for t in entry.top_logprobs}
+        top.setdefault(entry.token, entry.logprob)
+        tops.append(top)
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [_logprob(e) for e in entries],
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(entries: Sequence[pb.TokenLogprob]) -> dict[str, Any]:
+    """OpenAI's chat `logprobs` object: per token its text, bytes and alternatives."""
+
+    def token(entry: pb.TokenLogprob) -> dict[str, Any]:
+        return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.token_bytes)}
+
+    content = [token(e) | {"top_logprobs": [token(t) for t in e.top_logprobs]} for e in entries]
+    return {"content": content, "refusal": None}
 
 
 @router.post("/completions", response_model=None)
@@ -283,22 +346,50 @@ async def create_completion(
 ) -> JSONResponse | StreamingResponse:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     max_tokens = body.max_tokens if body.max_tokens is not None else body.DEFAULT_MAX_TOKENS
-    call = await _start(gateway, caller, body, max_tokens, request_id, prompt=body.prompt)
+    call = await _start(gateway, caller, body, max_tokens, request_id, prompts=body.prompts)
     head = _header(request_id, "text_completion", body)
+    wants_logprobs = body.logprobs is not None
+    # Streaming: each choice's token texts' length so far, where its next offsets start.
+    offsets: dict[int, int] = {}
 
-    def choice(text: str, finish_reason: str | None) -> dict[str, Any]:
-        return {"text": text, "index": 0, "finish_reason": finish_reason, "logprobs": None}
+    def delta(message: pb.GenerateStreamResponse) -> dict[str, Any]:
+        # Echo: the choice's first chunk brings the prompt, and its tokens' scores, first.
+        text = message.prompt_text + message.text
+        logprobs = None
+        if wants_logprobs:
+            entries = [*message.prompt_logprobs, *message.logprobs]
+            start = offsets.get(message.index, 0)
+            logprobs = _completion_logprobs(entries, start)
+            offsets[message.index] = start + sum(len(e.token) for e in entries)
+        piece = {"text": text, "index": message.index, "finish_reason": None}
+        return head | {"choices": [piece | {"logprobs": logprobs}]}
+
+    def last(choice: pb.Choice) -> dict[str, Any]:
+        reason = _finish_reason(choice)
+        return {"text": "", "index": choice.index, "finish_reason": reason, "logprobs": None}
 
     if body.stream:
         return await _stream(
-            call,
-            lambda text: head | {"choices": [choice(text, None)]},
-            lambda reply: _final_chunks(head, choice("", _finish_reason(reply)), reply, call, body),
+            call, delta, lambda reply: _final_chunks(head, last, reply, call, body)
         )
     reply = await _generate(call)
+
+    def whole(choice: pb.Choice) -> dict[str, Any]:
+        prompt = choice.prompt_text if body.echo else ""
+        logprobs = None
+        if wants_logprobs:
+            entries = [*choice.prompt_logprobs, *choice.logprobs] if body.echo else choice.logprobs
+            logprobs = _completion_logprobs(entries)
+        return {
+            "text": prompt + choice.text,
+            "index": choice.index,
+            "finish_reason": _finish_reason(choice),
+            "logprobs": logprobs,
+        }
+
     return _json(
         _envelope(request_id, "text_completion", body, reply, call.route)
-        | {"choices": [choice(reply.text, _finish_reason(reply))]}
+        | {"choices": [whole(c) for c in _choices(reply)]}
     )
 
 
@@ -318,34 +409,49 @@ async def create_chat_completion(
     structured.constrain(call.request)
     if body.stream:
         head = _header(request_id, "chat.completion.chunk", body)
-        opened = False
+        opened: set[int] = set()
 
-        def chunk(content: dict[str, Any]) -> dict[str, Any]:
-            nonlocal opened  # the first delta names the role, as OpenAI's do
-            content = content | ({} if opened else {"role": "assistant"})
-            opened = True
-            return head | {"choices": [{"index": 0, "delta": content, "finish_reason": None}]}
+        def piece(index: int, content: dict[str, Any]) -> dict[str, Any]:
+            # The first delta of each choice names the role, as OpenAI's do.
+            if index not in opened:
+                content = {"role": "assistant"} | content
+                opened.add(index)
+            return {"index": index, "delta": content, "finish_reason": None}
 
-        def delta(text: str) -> dict[str, Any] | None:
-            content = structured.delta(text)
-            return None if content is None else chunk(content)
+        def delta(message: pb.GenerateStreamResponse) -> dict[str, Any] | None:
+            content = structured.delta(message.index, message.text)
+            if content is None:  # tool calls listed whole at the end
+                return None
+            chunk = piece(message.index, content)
+            if body.logprobs:
+                chunk["logprobs"] = _chat_logprobs(message.logprobs)
+            return head | {"choices": [chunk]}
+
+        def last(choice: pb.Choice) -> dict[str, Any]:
+            reason = structured.finish_reason(_finish_reason(choice))
+            return {"index": choice.index, "delta": {}, "finish_reason": reason}
 
         def finish(reply: pb.GenerateResponse) -> list[dict[str, Any]]:
-            reason = structured.finish_reason(_finish_reason(reply))
-            last = {"index": 0, "delta": {}, "finish_reason": reason}
-            deltas = [chunk(content) for content in structured.final_deltas(reply.text)]
-            return deltas + _final_chunks(head, last, reply, call, body)
+            calls = [
+                head | {"choices": [piece(c.index, content)]}
+                for c in _choices(reply)
+                for content in structured.final_deltas(c.text)
+            ]
+            return calls + _final_chunks(head, last, reply, call, body)
 
         return await _stream(call, delta, finish)
     reply = await _generate(call)
-    choice = {
-        "index": 0,
-        "message": structured.message(reply.text),
-        "finish_reason": structured.finish_reason(_finish_reason(reply)),
-        "logprobs": None,
-    }
+    choices = [
+        {
+            "index": c.index,
+            "message": structured.message(c.text),
+            "finish_reason": structured.finish_reason(_finish_reason(c)),
+            "logprobs": _chat_logprobs(c.logprobs) if body.logprobs else None,
+        }
+        for c in _choices(reply)
+    ]
     return _json(
-        _envelope(request_id, "chat.completion", body, reply, call.route) | {"choices": [choice]}
+        _envelope(request_id, "chat.completion", body, reply, call.route) | {"choices": choices}
     )
 
 

@@ -22,6 +22,11 @@ _VERSIONED = re.compile(r"^(?P<name>.+)@(?P<version>[0-9]+)$")
 
 # At least 1 here: 0 in the proto means "as many as fit", which only an absent field asks for.
 MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+# Choices and sequences per prompt: the inference service bounds them by its batch size.
+Count = Annotated[int, Field(ge=1, le=UINT32_MAX)]
+# OpenAI's bounds: completions return at most 5 alternatives per token, chat 20.
+MAX_COMPLETION_LOGPROBS = 5
+MAX_CHAT_TOP_LOGPROBS = 20
 
 
 def parse_model(model: str, base_model_id: str) -> common_pb2.AdapterRef:
@@ -99,7 +104,8 @@ class GenerationRequest(OpenAIRequest):
     top_p: Float | None = None
     seed: UInt64 | None = None
     stop: str | list[str] | None = None
-    n: int | None = 1
+    # Choices per prompt, decoded as rows of one batch; choice i samples with seed + i.
+    n: Count | None = None
     stream: bool | None = False
     # OpenAI's {"include_usage": true} adds a last chunk with the token usage.
     stream_options: StreamOptions | None = None
@@ -108,16 +114,17 @@ class GenerationRequest(OpenAIRequest):
     # (the openai client sends it with extra_body={"composition": {...}}).
     composition: CompositionIn | None = None
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int | None) -> int | None:
-        if n not in (None, 1):
-            raise ValueError("only n=1 is supported")
-        return n
-
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
+
+    def logprob_params(self) -> dict[str, Any]:
+        """SamplingParams' log-probability and best_of fields, as each route names them."""
+        return {}
 
     def sampling_params(self, max_tokens: int) -> pb.SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -127,23 +134,79 @@ class GenerationRequest(OpenAIRequest):
             top_p=self.top_p,
             seed=self.seed,
             stop=stop,
+            n=self.choices_per_prompt,
+            **self.logprob_params(),
         )
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str
-    max_tokens: MaxTokens | None = None
+    # A string, a list of strings, a list of token ids, or a list of token-id lists.
+    prompt: str | list[str] | list[int] | list[list[int]]
+    # 0 only with echo: the prompt's log-probabilities and nothing generated.
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
+    # Alternatives per token (0-5), with each token's own log-probability.
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    # Return the prompt before the completion (and its tokens' log-probabilities).
+    echo: bool = False
+    # Sequences generated per prompt; the n with the highest cumulative log-probability
+    # are returned.
+    best_of: Count | None = None
 
     DEFAULT_MAX_TOKENS: ClassVar[int] = 16  # OpenAI's default for completions
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _single_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str):
-            raise ValueError("prompt must be a string or a list of exactly one string")
-        return prompt
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        """One clear message for every wrong shape (the union's would list each member)."""
+        if isinstance(prompt, str) or (
+            isinstance(prompt, list)
+            and prompt
+            and (
+                all(isinstance(p, str) for p in prompt)
+                or _token_ids(prompt)
+                or all(isinstance(p, list) and _token_ids(p) for p in prompt)
+            )
+        ):
+            return prompt
+        raise ValueError(
+            "prompt must be a string, a list of strings, a list of token ids or a list of "
+            f"non-empty token-id lists (ids from 0 to {INT32_MAX})"
+        )
+
+    @model_validator(mode="after")
+    def _choices_and_echo(self) -> CompletionRequest:
+        n, best_of = self.choices_per_prompt, self.best_of
+        if best_of is not None and best_of < n:
+            raise ValueError(f"best_of ({best_of}) must be at least n ({n})")
+        if self.stream and best_of is not None and best_of > n:
+            raise ValueError("best_of above n cannot be streamed (stream must be false)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo)")
+        return self
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as a list: strings, or token-id lists."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if self.prompt and isinstance(self.prompt[0], int):
+            return [self.prompt]  # one prompt of token ids
+        return self.prompt
+
+    def logprob_params(self) -> dict[str, Any]:
+        return {
+            "top_logprobs": self.logprobs,
+            "prompt_logprobs": self.echo,
+            "prompt_only": self.echo and self.max_tokens == 0,
+            "best_of": self.best_of or 0,
+        }
+
+
+def _token_ids(values: list) -> bool:
+    return bool(values) and all(
+        type(v) is int and 0 <= v <= INT32_MAX  # not bool, which is an int too
+        for v in values
+    )
 
 
 class ChatMessageIn(BaseModel):
@@ -171,3 +234,15 @@ class ChatCompletionRequest(GenerationRequest, StructuredOutputFields):
     max_tokens: MaxTokens | None = None
     # The newer name of max_tokens; either may be sent.
     max_completion_tokens: MaxTokens | None = None
+    # Each generated token's log-probability, with top_logprobs (0-20) alternatives.
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_CHAT_TOP_LOGPROBS)] | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    def logprob_params(self) -> dict[str, Any]:
+        return {"top_logprobs": (self.top_logprobs or 0) if self.logprobs else None}

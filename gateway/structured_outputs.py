@@ -80,8 +80,8 @@ class StructuredPlan:
     schema: str | None = None  # JSON Schema text; "" any object; None: free text
     named: str | None = None  # tool_choice named this function: the text is its arguments
     required: bool = False  # tool_choice "required": the text is a list of calls
-    _ids: list[str] = field(default_factory=list)  # tool-call ids, one per call
-    _opened: bool = False  # the named call's first delta (id, type, name) is out
+    # The choices whose named call has had its first delta (id, type, name) streamed.
+    _opened: set[int] = field(default_factory=set)
 
     @property
     def calls_tools(self) -> bool:
@@ -103,15 +103,16 @@ class StructuredPlan:
 
     # -- streaming --------------------------------------------------------------------------
 
-    def delta(self, text: str) -> dict[str, Any] | None:
-        """The delta for new text: content, a named call's arguments as they come, or
-        nothing (a list of calls is sent whole when complete, by final_deltas)."""
+    def delta(self, index: int, text: str) -> dict[str, Any] | None:
+        """The delta for choice `index`'s new text: content, a named call's arguments as
+        they come, or nothing (a list of calls is sent whole when complete, by
+        final_deltas)."""
         if self.named is not None:
             call: dict[str, Any] = {"index": 0, "function": {"arguments": text}}
-            if not self._opened:
-                call |= {"id": self._id(0), "type": "function"}
+            if index not in self._opened:
+                self._opened.add(index)
+                call |= {"id": _call_id(), "type": "function"}
                 call["function"] = {"name": self.named, "arguments": text}
-                self._opened = True
             return {"tool_calls": [call]}
         if self.required:
             return None
@@ -127,7 +128,7 @@ class StructuredPlan:
 
     def _calls(self, text: str) -> list[dict[str, Any]] | None:
         if self.named is not None:
-            return [self._call(0, self.named, text)]
+            return [self._call(self.named, text)]
         if not self.required:
             return None
         try:
@@ -135,21 +136,20 @@ class StructuredPlan:
         except json.JSONDecodeError:
             return None
         return [
-            self._call(i, c["name"], json.dumps(c["arguments"], separators=(",", ":")))
-            for i, c in enumerate(listed)
+            self._call(c["name"], json.dumps(c["arguments"], separators=(",", ":"))) for c in listed
         ]
 
-    def _call(self, index: int, name: str, arguments: str) -> dict[str, Any]:
+    @staticmethod
+    def _call(name: str, arguments: str) -> dict[str, Any]:
         return {
-            "id": self._id(index),
+            "id": _call_id(),
             "type": "function",
             "function": {"name": name, "arguments": arguments},
         }
 
-    def _id(self, index: int) -> str:
-        while len(self._ids) <= index:
-            self._ids.append(f"call_{uuid.uuid4().hex[:24]}")
-        return self._ids[index]
+
+def _call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
 
 
 def plan(body: StructuredOutputFields) -> StructuredPlan:

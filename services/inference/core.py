@@ -11,7 +11,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -24,7 +24,12 @@ from services.inference.cache import AdapterCache, CacheSnapshot, TieredAdapterC
 from services.inference.compose import compose, composition_key
 from services.inference.decoding import DecodeSequence, Generation, SamplingConfig
 from services.inference.engine import Engine, TokenScores, resolve_device
-from services.inference.grammar import GrammarCompiler, GrammarRequest
+from services.inference.grammar import (
+    CompiledGrammar,
+    GrammarCompiler,
+    GrammarRequest,
+    RowGrammar,
+)
 from services.inference.lora import LoraWeights, parse_adapter
 from services.inference.registry import AdapterRecord, AdapterRegistry
 from services.inference.scheduler import Scheduler, StreamChunk
@@ -36,6 +41,8 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20  # OpenAI's chat bound; completions' is 5 (the gateway's to check)
+SEED_SPACE = 2**64
 # Embed: texts per request, and padded tokens (rows x longest) per forward pass; a request
 # runs as several passes, between which decode steps go on.
 MAX_EMBED_TEXTS = 256
@@ -65,6 +72,16 @@ class SamplingRequest:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Token log-probability detail with this many alternatives (None: none).
+    top_logprobs: int | None = None
+    prompt_logprobs: bool = False  # echo: the prompt tokens' log-probabilities too
+    prompt_only: bool = False  # with prompt_logprobs: generate nothing
+    n: int = 1  # choices per prompt
+    best_of: int | None = None  # sequences per prompt, the n most likely kept (None: n)
+
+
+# A prompt: text, or token ids.
+Prompt = str | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -100,11 +117,29 @@ class ServedAdapter:
     composed_of: tuple[AdapterRecord, ...] = ()
 
 
+@dataclass(frozen=True)
+class Choice:
+    """One returned sequence: OpenAI's choice `index` (prompt_index * n + rank)."""
+
+    index: int
+    prompt_index: int
+    generation: Generation
+    prompt_text: str = ""  # with prompt_logprobs: the prompt (token ids decoded)
+
+
 @dataclass
 class GenerateResult:
-    generation: Generation
+    choices: list[Choice]
     adapter: ServedAdapter | None
     queue_seconds: float
+    # Prompt tokens once per prompt; every generated token, best_of's discarded ones too.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def generation(self) -> Generation:
+        """The first choice (the only one unless n, best_of or several prompts)."""
+        return self.choices[0].generation
 
 
 class InferenceCore:
@@ -171,6 +206,10 @@ class InferenceCore:
         if self._grammars is None:
             raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
         return self._grammars
+
+    def _row_grammar(self, compiled: CompiledGrammar | None) -> RowGrammar | None:
+        """Each sequence its own matcher state (n choices each follow the grammar)."""
+        return None if compiled is None else self.grammars.row(compiled)
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -317,7 +356,8 @@ class InferenceCore:
     def _sampling(self, params: SamplingRequest, prompt_tokens: int) -> SamplingConfig:
         limit = self.max_new_tokens_limit
         context = self.engine.context_length
-        if prompt_tokens >= context:
+        # A prompt only scored may fill the context; one to continue must leave room.
+        if prompt_tokens > context or (prompt_tokens == context and not params.prompt_only):
             raise InvalidArgument(
                 f"the prompt is {prompt_tokens} tokens, the model's context is {context}",
                 reason="CONTEXT_LENGTH_EXCEEDED",
@@ -325,7 +365,14 @@ class InferenceCore:
                 context_length=context,
             )
         max_new_tokens = params.max_new_tokens or min(limit, context - prompt_tokens)
-        if not 1 <= max_new_tokens <= limit:
+        if params.prompt_only:
+            if not params.prompt_logprobs:
+                raise InvalidArgument(
+                    "prompt_only needs prompt_logprobs: there is nothing else to return",
+                    reason="BAD_INPUT",
+                )
+            max_new_tokens = 0
+        elif not 1 <= max_new_tokens <= limit:
             raise InvalidArgument(
                 f"max_new_tokens must be between 1 and {limit}, got {max_new_tokens}",
                 reason="BAD_MAX_TOKENS",
@@ -354,13 +401,47 @@ class InferenceCore:
                 f"at most {MAX_STOP_SEQUENCES} non-empty stop sequences are allowed",
                 reason="BAD_STOP",
             )
+        top_logprobs = params.top_logprobs
+        if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidArgument(
+                f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}",
+                reason="BAD_TOP_LOGPROBS",
+            )
         return SamplingConfig(
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=params.seed,
             stop=params.stop,
+            top_logprobs=top_logprobs,
+            prompt_logprobs=params.prompt_logprobs,
         )
+
+    def _choice_counts(self, params: SamplingRequest, prompts: int, stream: bool) -> int:
+        """Sequences to generate per prompt (best_of), after checking n and best_of: every
+        row of a request must fit in one batch."""
+        n, best_of = params.n, params.best_of if params.best_of is not None else params.n
+        rows = self.settings.max_batch_size
+        if n < 1:
+            raise InvalidArgument(f"n must be at least 1, got {n}", reason="BAD_N")
+        if best_of < n:
+            raise InvalidArgument(
+                f"best_of must be at least n ({n}), got {best_of}", reason="BAD_BEST_OF"
+            )
+        if stream and best_of > n:
+            raise InvalidArgument(
+                "best_of above n cannot be streamed: the best sequences are known only at the end",
+                reason="BAD_BEST_OF",
+            )
+        if prompts * best_of > rows:
+            name = "best_of" if best_of > n else "n"
+            raise InvalidArgument(
+                f"{name} is {best_of} for {prompts} prompt(s): {prompts * best_of} sequences, "
+                f"more than the {rows} this server decodes together",
+                reason="BAD_BEST_OF" if best_of > n else "BAD_N",
+                max_sequences=str(rows),
+            )
+        return best_of
 
     def _prompt_text(
         self, prompt: str, messages: list[dict[str, str]], generation_prompt: bool = True
@@ -378,18 +459,40 @@ class InferenceCore:
             raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
         return prompt
 
+    def _prompts(
+        self, prompt: Prompt, prompts: Sequence[Prompt], messages: list[dict[str, str]]
+    ) -> list[Prompt]:
+        """The request's prompts (texts or token ids), given exactly one way."""
+        if isinstance(prompt, str) and not prompts:
+            return [self._prompt_text(prompt, messages)]
+        if (prompts and len(prompt)) or messages:
+            raise InvalidArgument(
+                "give one of a prompt, a list of prompts or messages", reason="BAD_INPUT"
+            )
+        chosen = list(prompts) or [prompt]
+        if any(not len(p) for p in chosen):
+            raise InvalidArgument("the prompt is empty", reason="EMPTY_PROMPT")
+        return chosen
+
+    async def _prompt_ids(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return await self._encode(prompt)
+        self._check_token_ids(prompt)
+        return list(prompt)
+
     async def generate(
         self,
         tenant: str,
         adapter_name: str,
         adapter_version: int,
         params: SamplingRequest,
-        prompt: str = "",
+        prompt: Prompt = "",
         messages: list[dict[str, str]] | None = None,
         composition: CompositionRequest | None = None,
         grammar: GrammarRequest | None = None,
+        prompts: Sequence[Prompt] = (),
     ) -> GenerateResult:
-        stream = self.generate_stream(
+        events = self.generate_stream(
             tenant,
             adapter_name,
             adapter_version,
@@ -398,11 +501,12 @@ class InferenceCore:
             messages=messages,
             composition=composition,
             grammar=grammar,
+            prompts=prompts,
             stream=False,
         )
-        async for served, chunk in stream:
-            if chunk.generation is not None:
-                return GenerateResult(chunk.generation, served, chunk.queue_seconds)
+        async for event in events:
+            if isinstance(event, GenerateResult):
+                return event
         raise AssertionError("a generation stream ends with its result")  # pragma: no cover
 
     async def generate_stream(
@@ -411,20 +515,32 @@ class InferenceCore:
         adapter_name: str,
         adapter_version: int,
         params: SamplingRequest,
-        prompt: str = "",
+        prompt: Prompt = "",
         messages: list[dict[str, str]] | None = None,
         composition: CompositionRequest | None = None,
         grammar: GrammarRequest | None = None,
         stream: bool = True,
-    ) -> AsyncIterator[tuple[ServedAdapter | None, StreamChunk]]:
-        """Chunks of new text as they are generated; the last one carries the result.
-        Everything a request can be refused for is checked before the first chunk."""
+        prompts: Sequence[Prompt] = (),
+    ) -> AsyncIterator[StreamChunk | GenerateResult]:
+        """Chunks of new text as they are generated (each with its sequence's `index`),
+        then the result. Everything a request can be refused for is checked before the
+        first chunk. Several prompts, n and best_of run as rows of one batch: prompt p's
+        sequence i samples with seed + i (so each prompt's choices are what a request for
+        it alone returns); best_of keeps the n with the highest cumulative log-probability."""
         engine = self.engine
-        text = self._prompt_text(prompt, messages or [])
-        prompt_ids = await self._encode(text)
-        config = self._sampling(params, len(prompt_ids))
+        texts = self._prompts(prompt, prompts, messages or [])
+        best_of = self._choice_counts(params, len(texts), stream)
+        prompt_ids = [await self._prompt_ids(p) for p in texts]
+        configs = [self._sampling(params, len(ids)) for ids in prompt_ids]
         if messages:  # a chat reply is one assistant turn
-            config = replace(config, stop=config.stop + engine.chat_stop)
+            configs = [replace(c, stop=c.stop + engine.chat_stop) for c in configs]
+        # What echo returns before the completion: the prompt (token ids decoded).
+        echoed = [""] * len(texts)
+        if params.prompt_logprobs:
+            echoed = [
+                p if isinstance(p, str) else engine.detokenize(ids)
+                for p, ids in zip(texts, prompt_ids, strict=True)
+            ]
         compiled = None
         if grammar is not None:
             compiled = await asyncio.to_thread(self.grammars.compile, grammar)
@@ -435,14 +551,25 @@ class InferenceCore:
                 weights = await stack.enter_async_context(
                     self.cache.use(served.cache_key, served.load)
                 )
-            row_grammar = self.grammars.row(compiled) if compiled is not None else None
-            sequence = DecodeSequence(prompt_ids, weights, config, row_grammar)
-            request = self.scheduler.submit(tenant, sequence, stream)
+            sequences = [
+                DecodeSequence(ids, weights, _seeded(config, i), self._row_grammar(compiled))
+                for ids, config in zip(prompt_ids, configs, strict=True)
+                for i in range(best_of)
+            ]
+            group = self.scheduler.submit_group(tenant, sequences, stream)
+            finals: dict[int, StreamChunk] = {}
             try:
-                async for chunk in request:
-                    yield served, chunk
+                async for chunk in group:
+                    if chunk.generation is not None:
+                        finals[chunk.index] = chunk
+                    if chunk.prompt_logprobs:  # echo: the prompt's text comes first
+                        chunk = replace(chunk, prompt_text=echoed[chunk.index // best_of])
+                    if stream:
+                        yield chunk
             finally:
-                request.cancel()
+                group.cancel()
+        rows = [finals[i] for i in range(len(sequences))]
+        yield _result(rows, echoed, prompt_ids, params, served)
 
     async def score(
         self,
@@ -569,7 +696,7 @@ class InferenceCore:
         self._check_token_ids(tokens)
         return await asyncio.to_thread(self.engine.detokenize, tokens)
 
-    def _check_token_ids(self, tokens: list[int]) -> None:
+    def _check_token_ids(self, tokens: Sequence[int]) -> None:
         vocab = self.engine.vocab_size
         bad = next((t for t in tokens if not 0 <= t < vocab), None)
         if bad is not None:
@@ -603,3 +730,39 @@ class InferenceCore:
             return await asyncio.wrap_future(self.scheduler.call(lambda: work(None)))
         async with self.cache.use(record.cache_key, lambda: self._load_weights(record)) as weights:
             return await asyncio.wrap_future(self.scheduler.call(lambda: work(weights)))
+
+
+def _seeded(config: SamplingConfig, i: int) -> SamplingConfig:
+    """The i-th sequence of a prompt samples with seed + i (when a seed is set)."""
+    if config.seed is None or i == 0:
+        return config
+    return replace(config, seed=(config.seed + i) % SEED_SPACE)
+
+
+def _result(
+    finals: list[StreamChunk],
+    echoed: list[str],
+    prompt_ids: list[list[int]],
+    params: SamplingRequest,
+    served: ServedAdapter | None,
+) -> GenerateResult:
+    """Every row's final chunk (prompt by prompt, best_of each) -> the choices: per prompt
+    the n with the highest cumulative log-probability when best_of is above n (best first),
+    else all in seed order. `echoed`: each prompt's text for echo ("" without)."""
+    best_of = len(finals) // len(prompt_ids)
+    n = params.n
+    choices: list[Choice] = []
+    for p, prompt_text in enumerate(echoed):
+        rows = [chunk.generation for chunk in finals[p * best_of : (p + 1) * best_of]]
+        if best_of > n:
+            rows = sorted(rows, key=lambda g: g.cumulative_logprob, reverse=True)[:n]
+        choices += [
+            Choice(p * n + rank, p, generation, prompt_text) for rank, generation in enumerate(rows)
+        ]
+    return GenerateResult(
+        choices,
+        served,
+        finals[0].queue_seconds,
+        prompt_tokens=sum(len(ids) for ids in prompt_ids),
+        completion_tokens=sum(chunk.generation.completion_tokens for chunk in finals),
+    )

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import time
+from bisect import bisect_right
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,8 +52,10 @@ class ModelRunner(Protocol):
         position_ids: torch.Tensor,
         cache: Any,
         lora: LoraBatch,
+        all_positions: bool = False,
     ) -> tuple[torch.Tensor, Any]:
-        """(each row's logits for its last position, the KV cache extended in place)."""
+        """(each row's logits for its last position, or for every position when
+        `all_positions`; the KV cache extended in place)."""
         ...
 
     def detokenize(self, tokens: list[int]) -> str: ...
@@ -85,6 +88,21 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     # Generate exactly max_new_tokens even past end-of-sequence (benchmarks, as vLLM's).
     ignore_eos: bool = False
+    # Record each generated token's log-probability detail (TokenLogprob) with this many
+    # alternatives; None records none. The model's own distribution, before temperature.
+    top_logprobs: int | None = None
+    # Record the prompt tokens' too (OpenAI's echo); with max_new_tokens 0, only those.
+    prompt_logprobs: bool = False
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability (None: the first prompt token, which nothing predicts)
+    and the most likely (token id, log-probability) pairs at its position."""
+
+    token_id: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -97,6 +115,13 @@ class Generation:
     token_entropies: list[float] = field(default_factory=list)
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
+    # With SamplingConfig.top_logprobs / prompt_logprobs set: one per token.
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return sum(self.token_logprobs)
 
     @property
     def mean_token_entropy(self) -> float:
@@ -159,6 +184,13 @@ class DecodeSequence:
         self.first_token_at = 0.0
         self.finished_at = 0.0
         self._longest_stop = max((len(s) for s in config.stop), default=0)
+        # Only when asked: per-token detail, and where each token's text ends (streaming
+        # hands a token's detail out with the last of its text).
+        self.details: list[TokenLogprob] | None = None
+        self.detail_ends: list[int] = []
+        if config.top_logprobs is not None:
+            self.details = []
+        self.prompt_details: list[TokenLogprob] | None = None
 
     @property
     def finished(self) -> bool:
@@ -174,7 +206,13 @@ class DecodeSequence:
         return self.config.max_new_tokens - len(self.logprobs)
 
     def accept(
-        self, token: int, logprob: float, entropy: float, eos_token_id: int, detokenize
+        self,
+        token: int,
+        logprob: float,
+        entropy: float,
+        eos_token_id: int,
+        detokenize,
+        top: tuple[tuple[int, float], ...] = (),
     ) -> None:
         """Take the next sampled token; sets finish_reason when the sequence is done."""
         if not self.logprobs:
@@ -184,13 +222,18 @@ class DecodeSequence:
             return
         self.logprobs.append(logprob)
         self.entropies.append(entropy)
-        if token == eos_token_id and not self.config.ignore_eos:
+        end_of_sequence = token == eos_token_id and not self.config.ignore_eos
+        previous = len(self.text)
+        if not end_of_sequence:
+            self.tokens.append(token)
+            self.text = detokenize(self.tokens)
+        if self.details is not None:
+            self.details.append(TokenLogprob(token, logprob, top))
+            self.detail_ends.append(len(self.text))
+        if end_of_sequence:
             # A row the budget made close early was cut short all the same.
             self._finish("length" if self.grammar and self.grammar.forced_close else "stop")
             return
-        self.tokens.append(token)
-        previous = len(self.text)
-        self.text = detokenize(self.tokens)
         start = max(0, previous - self._longest_stop)
         hits = [i for i in (self.text.find(s, start) for s in self.config.stop) if i >= 0]
         if hits:
@@ -202,6 +245,14 @@ class DecodeSequence:
     def _finish(self, reason: str) -> None:
         self.finish_reason = reason
         self.finished_at = time.perf_counter()
+
+    def finish_prompt_only(self) -> None:
+        """Nothing to generate (max_new_tokens 0): the prompt's scores were the work."""
+        self._finish("length")
+
+    def details_through(self, text_end: int) -> int:
+        """How many token details belong to text up to `text_end` (all, once finished)."""
+        return len(self.details) if self.finished else bisect_right(self.detail_ends, text_end)
 
     def stable_text_length(self) -> int:
         """How much of the text is final: a stop string may still cut the tail, and a
@@ -221,8 +272,10 @@ class DecodeSequence:
             completion_tokens=len(self.logprobs),
             token_logprobs=self.logprobs,
             token_entropies=self.entropies,
-            time_to_first_token=self.first_token_at - self.started_at,
+            time_to_first_token=(self.first_token_at or self.finished_at) - self.started_at,
             total_seconds=self.finished_at - self.started_at,
+            logprobs=self.details,
+            prompt_logprobs=self.prompt_details,
         )
 
 
@@ -246,7 +299,12 @@ class DecodeBatch:
         Each gets its first token, or fails alone (`error` set) if its prefill does."""
         for seq in sequences:
             seq.started_at = seq.started_at or time.perf_counter()
-        self._prefill_isolating(list(sequences))
+        # Scoring prompts needs logits at every position: only those rows pay for them.
+        scored = [s for s in sequences if s.config.prompt_logprobs]
+        plain = [s for s in sequences if not s.config.prompt_logprobs]
+        for group in (plain, scored):
+            if group:
+                self._prefill_isolating(group)
 
     def _prefill_isolating(self, sequences: list[DecodeSequence]) -> None:
         try:
@@ -271,7 +329,12 @@ class DecodeBatch:
         ids, mask = ids.to(runner.device), mask.to(runner.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         lora = runner.lora_batch([s.adapter for s in sequences])
-        logits, cache = runner.forward(ids, mask, positions, None, lora)
+        if sequences[0].config.prompt_logprobs:  # add() groups rows that score prompts
+            logits, cache = runner.forward(ids, mask, positions, None, lora, all_positions=True)
+            _score_prompts(sequences, logits)
+            logits = logits[:, -1]
+        else:
+            logits, cache = runner.forward(ids, mask, positions, None, lora)
         tokens = self._sample(sequences, logits)
         self._merge(sequences, cache, mask, tokens, lora)
 
@@ -394,6 +457,7 @@ class DecodeBatch:
         for i in constrained:  # near the end of its budget a row closes its document
             tokens[i] = rows[i].grammar.within_budget(tokens[i], rows[i].tokens_left)
         chosen = logp[torch.arange(len(rows)), torch.tensor(tokens, device=logp.device)].tolist()
+        top = _top_logprobs(logp, [seq.config.top_logprobs for seq in rows])
         runner = self.runner
         for i, (seq, token) in enumerate(zip(rows, tokens, strict=True)):
             if seq.finished:
@@ -401,8 +465,44 @@ class DecodeBatch:
             if not finite[i]:
                 seq.fail(non_finite_output())
                 continue
-            seq.accept(token, chosen[i], entropies[i], runner.eos_token_id, runner.detokenize)
+            seq.accept(
+                token, chosen[i], entropies[i], runner.eos_token_id, runner.detokenize, top[i]
+            )
         return torch.tensor(tokens, device=runner.device)
+
+
+def _top_logprobs(
+    logp: torch.Tensor, wanted: Sequence[int | None]
+) -> list[tuple[tuple[int, float], ...]]:
+    """Each row's `wanted` most likely (token, log-probability) pairs, most likely first;
+    one top-k over the rows when any asks, nothing at all when none does."""
+    k = max((w or 0 for w in wanted), default=0)
+    if k == 0:
+        return [()] * len(wanted)
+    values, ids = (t.tolist() for t in torch.topk(logp, k, dim=-1))
+    return [
+        tuple(zip(ids[i][: w or 0], values[i][: w or 0], strict=True)) for i, w in enumerate(wanted)
+    ]
+
+
+def _score_prompts(sequences: Sequence[DecodeSequence], logits: torch.Tensor) -> None:
+    """Record each prompt token's log-probability given the tokens before it, from the
+    prefill's logits at every (left-padded) position; the first token has none. A row that
+    asks for no new tokens is then finished."""
+    width = logits.shape[1]
+    for row, seq in enumerate(sequences):
+        ids = seq.prompt_ids
+        # Position t predicts token t + 1: the prompt's positions but its last.
+        logp = torch.log_softmax(logits[row, width - len(ids) : width - 1].float(), dim=-1)
+        targets = torch.tensor(ids[1:], dtype=torch.long, device=logp.device)
+        chosen = logp[torch.arange(len(ids) - 1, device=logp.device), targets].tolist()
+        top = _top_logprobs(logp, [seq.config.top_logprobs] * (len(ids) - 1))
+        seq.prompt_details = [TokenLogprob(ids[0], None)] + [
+            TokenLogprob(token, value, alternatives)
+            for token, value, alternatives in zip(ids[1:], chosen, top, strict=True)
+        ]
+        if seq.config.max_new_tokens == 0:
+            seq.finish_prompt_only()
 
 
 def _pad(t: torch.Tensor, width: int, left: bool = True) -> torch.Tensor:

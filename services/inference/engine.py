@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from services.inference.lora import LinearShape, LoraWeights
 from services.inference.lora_batch import LoraBatch
@@ -79,6 +80,13 @@ class Engine:
         self.default_temperature: float | None = recommended.get("temperature")
         self.default_top_p: float | None = recommended.get("top_p")
         self.linear_shapes: dict[str, LinearShape] = {}
+        self._token_pieces: dict[int, tuple[str, bytes]] = {}
+        # A byte-level BPE tokenizer (GPT-2's) spells bytes as printable symbols: the map
+        # back to bytes, for tokens' exact bytes.
+        self._byte_decoder: dict[str, int] | None = None
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if type(getattr(backend, "decoder", None)).__name__ == "ByteLevel":
+            self._byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
         self._active: LoraBatch | None = None
         for name, module in self.model.named_modules():
             if isinstance(module, nn.Linear):
@@ -129,6 +137,21 @@ class Engine:
     def detokenize(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
+    def token_piece(self, token_id: int) -> tuple[str, bytes]:
+        """One token as logprobs show it: its text decoded alone, special tokens included
+        (as vLLM's), and its exact UTF-8 bytes (part of a character, for a byte-level
+        tokenizer's token that splits one, where the text shows U+FFFD)."""
+        piece = self._token_pieces.get(token_id)
+        if piece is None:
+            text = self.tokenizer.decode([token_id])
+            raw = text.encode()
+            if self._byte_decoder and token_id not in self.tokenizer.all_special_ids:
+                symbols = self.tokenizer.convert_ids_to_tokens(token_id)
+                if all(c in self._byte_decoder for c in symbols):
+                    raw = bytes(self._byte_decoder[c] for c in symbols)
+            piece = self._token_pieces[token_id] = (text, raw)
+        return piece
+
     def token_strings(self, tokens: list[int]) -> list[str]:
         return self.tokenizer.convert_ids_to_tokens(tokens)
 
@@ -147,9 +170,11 @@ class Engine:
         position_ids: torch.Tensor,
         cache: Any,
         lora: LoraBatch,
+        all_positions: bool = False,
     ) -> tuple[torch.Tensor, Any]:
-        """One forward pass: each row's logits for its last position, and the KV cache
-        (a new one when `cache` is None, else `cache` extended by these positions)."""
+        """One forward pass: each row's logits for its last position (every position when
+        `all_positions`), and the KV cache (a new one when `cache` is None, else `cache`
+        extended by these positions)."""
         with self.applying(lora):
             out = self.model(
                 input_ids=input_ids,
@@ -157,9 +182,9 @@ class Engine:
                 position_ids=position_ids,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if all_positions else 1,
             )
-        return out.logits[:, -1], out.cache
+        return (out.logits if all_positions else out.logits[:, -1]), out.cache
 
     @torch.inference_mode()
     def score(

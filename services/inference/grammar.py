@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import xgrammar as xgr
+from xgrammar import CompiledGrammar
 
 from services.common.errors import InvalidArgument
 
@@ -81,7 +82,7 @@ class GrammarCompiler:
         self._lengths = np.zeros(vocab_size, np.int32)  # bytes per token
         self._lengths[: len(info.decoded_vocab)] = [len(text) for text in info.decoded_vocab]
 
-    def compile(self, request: GrammarRequest) -> xgr.CompiledGrammar:
+    def compile(self, request: GrammarRequest) -> CompiledGrammar:
         """The grammar, or INVALID_ARGUMENT (INVALID_SCHEMA) with the library's reason."""
         if not request.json_schema:
             # Any object: JSON Schema's open-ended {"type": "object"}, not xgrammar's strict
@@ -97,7 +98,7 @@ class GrammarCompiler:
         # allows, as OpenAI's strict mode requires), so output always validates.
         return self._compile(request.json_schema, strict=True)
 
-    def _compile(self, schema: str, strict: bool) -> xgr.CompiledGrammar:
+    def _compile(self, schema: str, strict: bool) -> CompiledGrammar:
         try:
             return self._compiler.compile_json_schema(
                 schema, any_whitespace=False, separators=(",", ":"), strict_mode=strict
@@ -106,7 +107,7 @@ class GrammarCompiler:
             message = _LOCATION.sub("", str(err).strip()).strip() or type(err).__name__
             raise invalid_schema(message) from None
 
-    def row(self, grammar: xgr.CompiledGrammar) -> RowGrammar:
+    def row(self, grammar: CompiledGrammar) -> RowGrammar:
         return RowGrammar(
             xgr.GrammarMatcher(grammar), self._closers, self._printable, self._lengths
         )

@@ -43,6 +43,7 @@ from services.inference.core import (
     SamplingRequest,
 )
 from services.inference.registry import AdapterRecord, SwapResult
+from services.inference.scheduler import StreamChunk
 from services.inference.settings import InferenceSettings
 
 __all__ = ["ComposedModel", "GenerateResult", "RealtimeCompositor", "get_compositor"]
@@ -134,9 +135,9 @@ class RealtimeCompositor:
         """The same as generate(), yielding the text as it is decoded."""
         request = self._request(tenant, **options)
         chunks = self.core.generate_stream(**request, prompt=prompt, messages=messages)
-        async for _, chunk in self._loop.iterate(chunks):
-            if chunk.text:
-                yield chunk.text
+        async for event in self._loop.iterate(chunks):
+            if isinstance(event, StreamChunk) and event.text:
+                yield event.text
 
     @staticmethod
     def _request(

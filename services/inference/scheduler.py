@@ -29,6 +29,7 @@ from services.inference.decoding import (
     DecodeSequence,
     Generation,
     ModelRunner,
+    TokenLogprob,
     model_error,
 )
 from services.inference.settings import BatchingLimits
@@ -42,30 +43,48 @@ OUTPUT_TOKEN_COST = 2.0  # S-LoRA's weights: a decode step costs more than a pre
 
 @dataclass(frozen=True)
 class StreamChunk:
-    """New text of a generation; `generation` is set on the last chunk."""
+    """New text of a generation; `generation` is set on the last chunk. `index` is the
+    sequence's row in its group; `logprobs` the token details whose text is now out."""
 
     text: str
     generation: Generation | None = None
     queue_seconds: float = 0.0
+    index: int = 0
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # Streaming with prompt scores (echo): on the sequence's first chunk.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_text: str = ""
 
 
 class ScheduledRequest:
     """A request's place in the scheduler; iterate it (async) for its chunks."""
 
     def __init__(
-        self, tenant: str, sequence: DecodeSequence, scheduler: Scheduler, stream: bool = True
+        self,
+        tenant: str,
+        sequence: DecodeSequence,
+        scheduler: Scheduler,
+        stream: bool = True,
+        index: int = 0,
+        chunks: asyncio.Queue | None = None,
     ) -> None:
         self.tenant = tenant
         self.sequence = sequence
         self.stream = stream  # False: only the final chunk (one wake-up of the event loop)
+        self.index = index
         self._scheduler = scheduler
         self._loop = asyncio.get_running_loop()
-        self._chunks: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
+        # A group's rows share one queue (RequestGroup reads it).
+        self._chunks: asyncio.Queue[StreamChunk | BaseException] = (
+            chunks if chunks is not None else asyncio.Queue()
+        )
         self.submitted_at = time.perf_counter()
         self.admitted_at = 0.0
         self.cancelled = False
         self.done = False
         self._sent = 0  # characters of text already handed out
+        self._sent_details = 0  # token details already handed out
+        self._sent_prompt = False  # streaming: prompt scores handed out
 
     def __aiter__(self) -> AsyncIterator[StreamChunk]:
         return self._iterate()
@@ -94,14 +113,23 @@ class ScheduledRequest:
         if not (self.stream or seq.finished):
             return
         end = seq.stable_text_length()
-        if end <= self._sent and not seq.finished:
+        prompt = self.stream and not self._sent_prompt and seq.prompt_details is not None
+        if end <= self._sent and not seq.finished and not prompt:
             return
         text, self._sent = seq.text[self._sent : end], max(end, self._sent)
-        chunk = StreamChunk(text)
+        details: tuple[TokenLogprob, ...] = ()
+        if seq.details is not None and self.stream:
+            upto = seq.details_through(end)
+            details = tuple(seq.details[self._sent_details : upto])
+            self._sent_details = max(upto, self._sent_details)
+        scored: tuple[TokenLogprob, ...] = ()
+        if prompt:
+            scored, self._sent_prompt = tuple(seq.prompt_details), True
+        generation, queued = None, 0.0
         if seq.finished:
             self.done = True
-            chunk = StreamChunk(text, seq.result(), self.admitted_at - self.submitted_at)
-        self._put(chunk)
+            generation, queued = seq.result(), self.admitted_at - self.submitted_at
+        self._put(StreamChunk(text, generation, queued, self.index, details, scored))
 
     def _fail(self, err: BaseException) -> None:
         self.done = True
@@ -111,6 +139,33 @@ class ScheduledRequest:
         # A closed event loop means nobody is listening any more.
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._chunks.put_nowait, item)
+
+
+class RequestGroup:
+    """Several sequences of one request, queued together so that they decode as rows of
+    the same batch; iterate it (async) for every row's chunks, tagged with the row's
+    index, up to the last row's final chunk. One row's error fails the group."""
+
+    def __init__(self, requests: list[ScheduledRequest], chunks: asyncio.Queue) -> None:
+        self.requests = requests
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[StreamChunk]:
+        remaining = len(self.requests)
+        while remaining:
+            item = await self._chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.generation is not None:
+                remaining -= 1
+
+    def cancel(self) -> None:
+        for request in self.requests:
+            request.cancel()
 
 
 class Scheduler:
@@ -147,17 +202,34 @@ class Scheduler:
         """Queue a sequence; iterate the result for its text (as decoded when `stream`, else
         all at once with the final chunk)."""
         request = ScheduledRequest(tenant, sequence, self, stream)
-        limits = self.limits
+        self._enqueue(tenant, [request])
+        return request
+
+    def submit_group(
+        self, tenant: str, sequences: list[DecodeSequence], stream: bool = True
+    ) -> RequestGroup:
+        """Queue several sequences of one request at once, all or none: they are admitted
+        together (as far as the free rows and the prefill budget allow)."""
+        chunks: asyncio.Queue = asyncio.Queue()
+        requests = [
+            ScheduledRequest(tenant, seq, self, stream, index, chunks)
+            for index, seq in enumerate(sequences)
+        ]
+        self._enqueue(tenant, requests)
+        return RequestGroup(requests, chunks)
+
+    def _enqueue(self, tenant: str, requests: list[ScheduledRequest]) -> None:
+        limits, count = self.limits, len(requests)
         with self._cond:
             if self._stopping:
                 raise Unavailable("the inference server is shutting down", reason="SHUTTING_DOWN")
-            if self._queued >= limits.max_queued_requests:
+            if self._queued + count > limits.max_queued_requests:
                 raise ResourceExhausted(
                     f"the inference queue is full ({limits.max_queued_requests} requests); "
                     "retry later",
                     reason="QUEUE_FULL",
                 )
-            if len(self._waiting[tenant]) >= limits.max_queued_per_tenant:
+            if len(self._waiting[tenant]) + count > limits.max_queued_per_tenant:
                 raise ResourceExhausted(
                     f"this tenant already has {limits.max_queued_per_tenant} requests queued; "
                     "retry later",
@@ -167,10 +239,9 @@ class Scheduler:
                 busy = [self._counters[t] for t in self._active_tenants() if t != tenant]
                 if busy:  # join at the level of the busy tenants: no saved-up credit
                     self._counters[tenant] = max(self._counters[tenant], min(busy))
-            self._waiting[tenant].append(request)
-            self._queued += 1
+            self._waiting[tenant].extend(requests)
+            self._queued += count
             self._cond.notify_all()
-        return request
 
     def call(self, work: Callable[[], T]) -> Future[T]:
         """Run work on the model thread between two decode steps (e.g. scoring)."""

@@ -10,15 +10,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from loraplex.inference.v1 import inference_service_pb2_grpc as pb_grpc
+from services.common.errors import InvalidArgument
 from services.common.keys import PLATFORM
 from services.inference.cache import CacheSnapshot
 from services.inference.core import (
+    Choice,
     CompositionRequest,
+    GenerateResult,
     InferenceCore,
     SamplingRequest,
     ServedAdapter,
 )
-from services.inference.decoding import Generation
+from services.inference.decoding import Generation, TokenLogprob
 from services.inference.grammar import GrammarRequest
 from services.inference.registry import AdapterRecord, SwapResult
 from services.inference.store import CONFIG_FILE, WEIGHTS_FILE
@@ -58,6 +61,11 @@ def sampling_request(params: pb.SamplingParams) -> SamplingRequest:
         top_p=params.top_p if params.HasField("top_p") else None,
         seed=params.seed if params.HasField("seed") else None,
         stop=tuple(params.stop),
+        top_logprobs=params.top_logprobs if params.HasField("top_logprobs") else None,
+        prompt_logprobs=params.prompt_logprobs,
+        prompt_only=params.prompt_only,
+        n=params.n or 1,
+        best_of=params.best_of or None,
     )
 
 
@@ -80,32 +88,76 @@ def composition_request(composition: pb.Composition) -> CompositionRequest | Non
     )
 
 
-def generate_response(
-    gen: Generation, served: ServedAdapter | None, queued: float
-) -> pb.GenerateResponse:
+def token_logprobs(
+    details: list[TokenLogprob] | tuple[TokenLogprob, ...] | None, token_piece
+) -> list[pb.TokenLogprob]:
+    """Token ids -> their text and bytes (`token_piece`, the engine's) with their
+    log-probabilities."""
+
+    def entry(token_id: int, logprob: float | None, top=()) -> pb.TokenLogprob:
+        text, raw = token_piece(token_id)
+        alternatives = [entry(t, v) for t, v in top]
+        return pb.TokenLogprob(
+            token_id=token_id,
+            token=text,
+            token_bytes=raw,
+            logprob=logprob,
+            top_logprobs=alternatives,
+        )
+
+    return [entry(d.token_id, d.logprob, d.top) for d in details or ()]
+
+
+def uncertainty(gen: Generation) -> pb.UncertaintyStats:
+    return pb.UncertaintyStats(
+        mean_token_entropy=gen.mean_token_entropy,
+        mean_logprob=gen.mean_logprob,
+        min_token_prob=gen.min_token_prob,
+    )
+
+
+def choice_proto(choice: Choice, token_piece) -> pb.Choice:
+    gen = choice.generation
+    return pb.Choice(
+        index=choice.index,
+        prompt_index=choice.prompt_index,
+        text=gen.text,
+        finish_reason=_FINISH[gen.finish_reason],
+        prompt_tokens=gen.prompt_tokens,
+        completion_tokens=gen.completion_tokens,
+        token_logprobs=gen.token_logprobs,
+        token_entropies=gen.token_entropies,
+        uncertainty=uncertainty(gen),
+        logprobs=token_logprobs(gen.logprobs, token_piece),
+        prompt_logprobs=token_logprobs(gen.prompt_logprobs, token_piece),
+        prompt_text=choice.prompt_text,
+    )
+
+
+def generate_response(result: GenerateResult, token_piece) -> pb.GenerateResponse:
+    """The first choice in the top-level fields (as before several choices existed), every
+    choice in `choices`, and usage summed over them."""
+    gen, served, queued = result.generation, result.adapter, result.queue_seconds
     composed_of = served.composed_of if served is not None else ()
     return pb.GenerateResponse(
         composed_of=[adapter_ref(r) for r in composed_of],
         text=gen.text,
         finish_reason=_FINISH[gen.finish_reason],
         usage=common_pb2.TokenUsage(
-            prompt_tokens=gen.prompt_tokens,
-            completion_tokens=gen.completion_tokens,
-            total_tokens=gen.prompt_tokens + gen.completion_tokens,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+            total_tokens=result.prompt_tokens + result.completion_tokens,
         ),
         timing=pb.Timing(
             queue_seconds=queued,
             time_to_first_token_seconds=queued + gen.time_to_first_token,
             total_seconds=queued + gen.total_seconds,
         ),
-        uncertainty=pb.UncertaintyStats(
-            mean_token_entropy=gen.mean_token_entropy,
-            mean_logprob=gen.mean_logprob,
-            min_token_prob=gen.min_token_prob,
-        ),
+        uncertainty=uncertainty(gen),
         adapter=adapter_ref(served),
         token_logprobs=gen.token_logprobs,
         token_entropies=gen.token_entropies,
+        choices=[choice_proto(c, token_piece) for c in result.choices],
     )
 
 
@@ -143,12 +195,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self.versions = AdapterVersions(core.registry, core.store)
 
     def _generation_args(self, request: pb.GenerateRequest) -> dict:
+        if request.prompt_token_ids and request.prompts:
+            raise InvalidArgument(
+                "give prompts as texts or as token ids, not both", reason="BAD_INPUT"
+            )
+        prompts = list(request.prompts) or [list(p.ids) for p in request.prompt_token_ids]
         return {
             "tenant": request.tenant,
             "adapter_name": request.adapter.name,
             "adapter_version": request.adapter.version,
             "params": sampling_request(request.params),
             "prompt": request.prompt,
+            "prompts": prompts,
             "messages": chat_messages(request.messages),
             "composition": composition_request(request.composition),
             "grammar": grammar_request(request),
@@ -156,14 +214,21 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
         result = await self.core.generate(**self._generation_args(request))
-        return generate_response(result.generation, result.adapter, result.queue_seconds)
+        return generate_response(result, self.core.engine.token_piece)
 
     async def GenerateStream(self, request: pb.GenerateRequest, context):
-        async for served, chunk in self.core.generate_stream(**self._generation_args(request)):
-            final = None
-            if chunk.generation is not None:
-                final = generate_response(chunk.generation, served, chunk.queue_seconds)
-            yield pb.GenerateStreamResponse(text=chunk.text, final=final)
+        token_piece = self.core.engine.token_piece
+        async for event in self.core.generate_stream(**self._generation_args(request)):
+            if isinstance(event, GenerateResult):
+                yield pb.GenerateStreamResponse(final=generate_response(event, token_piece))
+            elif event.text or event.logprobs or event.prompt_logprobs:
+                yield pb.GenerateStreamResponse(
+                    text=event.text,
+                    index=event.index,
+                    logprobs=token_logprobs(event.logprobs, token_piece),
+                    prompt_logprobs=token_logprobs(event.prompt_logprobs, token_piece),
+                    prompt_text=event.prompt_text,
+                )
 
     async def Score(self, request: pb.ScoreRequest, context) -> pb.ScoreResponse:
         scores, record = await self.core.score(
