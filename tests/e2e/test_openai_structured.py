@@ -304,3 +304,30 @@ def test_what_cannot_be_honoured_is_a_400_that_says_why(stack, extra, expected, 
         )
     assert reason(caught.value) == expected
     assert words.lower() in caught.value.response.json()["error"]["message"].lower()
+
+
+def test_each_of_n_choices_follows_its_own_grammar(stack):
+    bank = client(stack)
+    schema_format = {"type": "json_schema", "json_schema": {"name": "o", "schema": ORDER_SCHEMA}}
+    reply = bank.chat.completions.create(
+        model="bank-support",
+        messages=ask(QUESTIONS[0]),
+        response_format=schema_format,
+        n=3,
+        seed=4,
+        temperature=1.0,
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    for choice in reply.choices:
+        jsonschema.validate(json.loads(choice.message.content), ORDER_SCHEMA)
+    calls = bank.chat.completions.create(
+        model="bank-support",
+        messages=ask("Weather in Rome?"),
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        n=2,
+        seed=4,
+    )
+    for choice in calls.choices:
+        (call,) = choice.message.tool_calls
+        jsonschema.validate(json.loads(call.function.arguments), TOOLS["get_weather"])
