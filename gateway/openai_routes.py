@@ -27,6 +27,7 @@ from gateway.openai_schemas import (
     parse_model,
 )
 from gateway.protojson import proto_to_json
+from gateway.structured_outputs import plan as structured_plan
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.analytics_exporter import completion_event
@@ -195,7 +196,7 @@ async def _generate(call: _Call) -> pb.GenerateResponse:
 
 async def _stream(
     call: _Call,
-    delta: Callable[[pb.GenerateStreamResponse], dict[str, Any]],
+    delta: Callable[[pb.GenerateStreamResponse], dict[str, Any] | None],
     finish: Callable[[pb.GenerateResponse], list[dict[str, Any]]],
 ) -> StreamingResponse:
     """Server-sent events as OpenAI streams them. The first message is awaited here, so a
@@ -212,8 +213,9 @@ async def _stream(
         message = first
         try:
             while True:  # the last message may carry text too
-                if message.text or message.logprobs or message.prompt_logprobs:
-                    yield _sse(delta(message))
+                carries = message.text or message.logprobs or message.prompt_logprobs
+                if carries and (chunk := delta(message)) is not None:
+                    yield _sse(chunk)
                 if message.HasField("final"):
                     break
                 message = await anext(messages)
@@ -402,34 +404,48 @@ async def create_chat_completion(
     if max_tokens is None:  # OpenAI's chat default: 0 asks for as many tokens as fit
         max_tokens = 0
     messages = [m.to_proto() for m in body.messages]
+    structured = structured_plan(body)  # response_format, tools: gateway/structured_outputs.py
     call = await _start(gateway, caller, body, max_tokens, request_id, messages=messages)
+    structured.constrain(call.request)
     if body.stream:
         head = _header(request_id, "chat.completion.chunk", body)
         opened: set[int] = set()
 
-        def delta(message: pb.GenerateStreamResponse) -> dict[str, Any]:
+        def piece(index: int, content: dict[str, Any]) -> dict[str, Any]:
             # The first delta of each choice names the role, as OpenAI's do.
-            content = {"content": message.text}
-            if message.index not in opened:
-                content["role"] = "assistant"
-                opened.add(message.index)
-            piece = {"index": message.index, "delta": content, "finish_reason": None}
+            if index not in opened:
+                content = {"role": "assistant"} | content
+                opened.add(index)
+            return {"index": index, "delta": content, "finish_reason": None}
+
+        def delta(message: pb.GenerateStreamResponse) -> dict[str, Any] | None:
+            content = structured.delta(message.index, message.text)
+            if content is None:  # tool calls listed whole at the end
+                return None
+            chunk = piece(message.index, content)
             if body.logprobs:
-                piece["logprobs"] = _chat_logprobs(message.logprobs)
-            return head | {"choices": [piece]}
+                chunk["logprobs"] = _chat_logprobs(message.logprobs)
+            return head | {"choices": [chunk]}
 
         def last(choice: pb.Choice) -> dict[str, Any]:
-            return {"index": choice.index, "delta": {}, "finish_reason": _finish_reason(choice)}
+            reason = structured.finish_reason(_finish_reason(choice))
+            return {"index": choice.index, "delta": {}, "finish_reason": reason}
 
-        return await _stream(
-            call, delta, lambda reply: _final_chunks(head, last, reply, call, body)
-        )
+        def finish(reply: pb.GenerateResponse) -> list[dict[str, Any]]:
+            calls = [
+                head | {"choices": [piece(c.index, content)]}
+                for c in _choices(reply)
+                for content in structured.final_deltas(c.text)
+            ]
+            return calls + _final_chunks(head, last, reply, call, body)
+
+        return await _stream(call, delta, finish)
     reply = await _generate(call)
     choices = [
         {
             "index": c.index,
-            "message": {"role": "assistant", "content": c.text},
-            "finish_reason": _finish_reason(c),
+            "message": structured.message(c.text),
+            "finish_reason": structured.finish_reason(_finish_reason(c)),
             "logprobs": _chat_logprobs(c.logprobs) if body.logprobs else None,
         }
         for c in _choices(reply)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from gateway.fields import INT32_MAX, UINT32_MAX, Float, UInt64
+from gateway.structured_outputs import StructuredOutputFields
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as pb
 from services.common.errors import InvalidArgument
@@ -228,7 +229,7 @@ class ChatMessageIn(BaseModel):
         return pb.ChatMessage(role=role, content=self.content)
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(GenerationRequest, StructuredOutputFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_tokens: MaxTokens | None = None
     # The newer name of max_tokens; either may be sent.

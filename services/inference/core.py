@@ -24,6 +24,12 @@ from services.inference.cache import AdapterCache, CacheSnapshot, TieredAdapterC
 from services.inference.compose import compose, composition_key
 from services.inference.decoding import DecodeSequence, Generation, SamplingConfig
 from services.inference.engine import Engine, TokenScores, resolve_device
+from services.inference.grammar import (
+    CompiledGrammar,
+    GrammarCompiler,
+    GrammarRequest,
+    RowGrammar,
+)
 from services.inference.lora import LoraWeights, parse_adapter
 from services.inference.registry import AdapterRecord, AdapterRegistry
 from services.inference.scheduler import Scheduler, StreamChunk
@@ -147,6 +153,7 @@ class InferenceCore:
         self.swap_listener = SwapListener(redis, self.registry, prefetch=self._prefetch)
         self._engine: Engine | None = None
         self._scheduler: Scheduler | None = None
+        self._grammars: GrammarCompiler | None = None
 
     @staticmethod
     def _tiered_cache(settings: InferenceSettings) -> TieredAdapterCache:
@@ -169,7 +176,10 @@ class InferenceCore:
     async def start(self) -> None:
         """Load the base model (seconds to minutes); until then requests get UNAVAILABLE."""
         s = self.settings
-        self._engine = await asyncio.to_thread(Engine, s.model_dir, s.device, s.dtype)
+        self._engine = engine = await asyncio.to_thread(Engine, s.model_dir, s.device, s.dtype)
+        self._grammars = await asyncio.to_thread(
+            GrammarCompiler, engine.tokenizer, engine.logits_size, engine.eos_token_id
+        )
         self._scheduler = Scheduler(self._engine, s.batching_limits())
         self._scheduler.start()
         self.swap_listener.start()
@@ -190,6 +200,16 @@ class InferenceCore:
         if self._scheduler is None:
             raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
         return self._scheduler
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            raise Unavailable("the base model is still loading", reason="MODEL_LOADING")
+        return self._grammars
+
+    def _row_grammar(self, compiled: CompiledGrammar | None) -> RowGrammar | None:
+        """Each sequence its own matcher state (n choices each follow the grammar)."""
+        return None if compiled is None else self.grammars.row(compiled)
 
     @property
     def max_new_tokens_limit(self) -> int:
@@ -469,6 +489,7 @@ class InferenceCore:
         prompt: Prompt = "",
         messages: list[dict[str, str]] | None = None,
         composition: CompositionRequest | None = None,
+        grammar: GrammarRequest | None = None,
         prompts: Sequence[Prompt] = (),
     ) -> GenerateResult:
         events = self.generate_stream(
@@ -479,6 +500,7 @@ class InferenceCore:
             prompt=prompt,
             messages=messages,
             composition=composition,
+            grammar=grammar,
             prompts=prompts,
             stream=False,
         )
@@ -496,6 +518,7 @@ class InferenceCore:
         prompt: Prompt = "",
         messages: list[dict[str, str]] | None = None,
         composition: CompositionRequest | None = None,
+        grammar: GrammarRequest | None = None,
         stream: bool = True,
         prompts: Sequence[Prompt] = (),
     ) -> AsyncIterator[StreamChunk | GenerateResult]:
@@ -518,6 +541,9 @@ class InferenceCore:
                 p if isinstance(p, str) else engine.detokenize(ids)
                 for p, ids in zip(texts, prompt_ids, strict=True)
             ]
+        compiled = None
+        if grammar is not None:
+            compiled = await asyncio.to_thread(self.grammars.compile, grammar)
         served = await self.serve(tenant, adapter_name, adapter_version, composition)
         async with AsyncExitStack() as stack:
             weights = None
@@ -526,7 +552,7 @@ class InferenceCore:
                     self.cache.use(served.cache_key, served.load)
                 )
             sequences = [
-                DecodeSequence(ids, weights, _seeded(config, i))
+                DecodeSequence(ids, weights, _seeded(config, i), self._row_grammar(compiled))
                 for ids, config in zip(prompt_ids, configs, strict=True)
                 for i in range(best_of)
             ]

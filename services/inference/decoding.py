@@ -10,7 +10,9 @@ The batch is data; the model is a `ModelRunner` it is handed (the engine): one f
 over plain tensors, nothing more. Rows share a forward pass but never their failures: a row
 whose logits are not finite fails alone, and a forward pass that raises is retried on halves
 of the batch until the rows that cause it are found and failed, so one tenant's bad numbers
-never fail another tenant's request.
+never fail another tenant's request. A row with a structured output carries its grammar
+(services.inference.grammar): its logits are masked before sampling; other rows are not
+touched.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from services.common.errors import FailedPrecondition, LoraplexError, Unavailable
+from services.inference.grammar import RowGrammar, mask_logits
 from services.inference.lora import LoraWeights
 from services.inference.lora_batch import LoraBatch
 
@@ -63,6 +66,12 @@ def non_finite_output() -> LoraplexError:
         "the adapter produced non-finite numbers (NaN or infinity) for this request; "
         "check its weights and composition weights",
         reason="NON_FINITE_OUTPUT",
+    )
+
+
+def grammar_error() -> LoraplexError:
+    return Unavailable(
+        "structured output could not follow its grammar; retry", reason="GRAMMAR_ERROR"
     )
 
 
@@ -154,10 +163,12 @@ class DecodeSequence:
         prompt_ids: list[int],
         adapter: LoraWeights | None,
         config: SamplingConfig,
+        grammar: RowGrammar | None = None,
     ) -> None:
         self.prompt_ids = prompt_ids
         self.adapter = adapter
         self.config = config
+        self.grammar = grammar  # structured output: tokens are masked by it
         self.generator = torch.Generator()
         if config.seed is not None:
             self.generator.manual_seed(config.seed)
@@ -190,6 +201,10 @@ class DecodeSequence:
         self.error = error
         self._finish("error")
 
+    @property
+    def tokens_left(self) -> int:
+        return self.config.max_new_tokens - len(self.logprobs)
+
     def accept(
         self,
         token: int,
@@ -202,6 +217,9 @@ class DecodeSequence:
         """Take the next sampled token; sets finish_reason when the sequence is done."""
         if not self.logprobs:
             self.first_token_at = time.perf_counter()
+        if self.grammar is not None and not self.grammar.accept(token):
+            self.fail(grammar_error())
+            return
         self.logprobs.append(logprob)
         self.entropies.append(entropy)
         end_of_sequence = token == eos_token_id and not self.config.ignore_eos
@@ -213,14 +231,15 @@ class DecodeSequence:
             self.details.append(TokenLogprob(token, logprob, top))
             self.detail_ends.append(len(self.text))
         if end_of_sequence:
-            self._finish("stop")
+            # A row the budget made close early was cut short all the same.
+            self._finish("length" if self.grammar and self.grammar.forced_close else "stop")
             return
         start = max(0, previous - self._longest_stop)
         hits = [i for i in (self.text.find(s, start) for s in self.config.stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
             self._finish("stop")
-        elif len(self.logprobs) >= self.config.max_new_tokens:
+        elif self.tokens_left <= 0:
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
@@ -423,6 +442,11 @@ class DecodeBatch:
         finite = torch.isfinite(logits).all(-1).tolist()
         logp = torch.log_softmax(logits, dim=-1)
         entropies = (-(logp.exp() * logp).sum(-1)).tolist()
+        constrained = [
+            i for i, s in enumerate(rows) if s.grammar is not None and finite[i] and not s.finished
+        ]
+        if constrained:  # structured output: disallowed tokens at -inf, for those rows only
+            logits = mask_logits(logits, constrained, [rows[i].grammar for i in constrained])
         greedy = torch.argmax(logits, dim=-1).tolist()
         tokens = [
             greedy[i]
@@ -430,6 +454,8 @@ class DecodeBatch:
             else sample_token(logits[i], seq.config.temperature, seq.config.top_p, seq.generator)
             for i, seq in enumerate(rows)
         ]
+        for i in constrained:  # near the end of its budget a row closes its document
+            tokens[i] = rows[i].grammar.within_budget(tokens[i], rows[i].tokens_left)
         chosen = logp[torch.arange(len(rows)), torch.tensor(tokens, device=logp.device)].tolist()
         top = _top_logprobs(logp, [seq.config.top_logprobs for seq in rows])
         runner = self.runner

@@ -59,6 +59,7 @@ class Engine:
         self.model.to(self.device).eval()
         self.architecture = type(self.model).__name__
         self.context_length = int(self.model.config.max_position_embeddings)
+        self.logits_size = int(self.model.config.vocab_size)  # the width of the logits
         self.eos_token_id = self.tokenizer.eos_token_id
         # Ids a caller may send: known to the tokenizer and inside the embedding matrix.
         self.vocab_size = min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)

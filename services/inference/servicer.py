@@ -22,6 +22,7 @@ from services.inference.core import (
     ServedAdapter,
 )
 from services.inference.decoding import Generation, TokenLogprob
+from services.inference.grammar import GrammarRequest
 from services.inference.registry import AdapterRecord, SwapResult
 from services.inference.store import CONFIG_FILE, WEIGHTS_FILE
 from services.inference.versions import AdapterVersions
@@ -66,6 +67,12 @@ def sampling_request(params: pb.SamplingParams) -> SamplingRequest:
         n=params.n or 1,
         best_of=params.best_of or None,
     )
+
+
+def grammar_request(request: pb.GenerateRequest) -> GrammarRequest | None:
+    if not request.HasField("structured_output"):
+        return None
+    return GrammarRequest(json_schema=request.structured_output.json_schema)
 
 
 def composition_request(composition: pb.Composition) -> CompositionRequest | None:
@@ -202,6 +209,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             "prompts": prompts,
             "messages": chat_messages(request.messages),
             "composition": composition_request(request.composition),
+            "grammar": grammar_request(request),
         }
 
     async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
