@@ -48,6 +48,7 @@ def candidate_from_reply(
         unit_id=unit_id if experiment else "",
         token_logprobs=reply.token_logprobs,
         token_entropies=reply.token_entropies,
+        token_texts=reply.token_texts,
     )
 
 

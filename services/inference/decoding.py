@@ -113,6 +113,7 @@ class Generation:
     completion_tokens: int
     token_logprobs: list[float] = field(default_factory=list)
     token_entropies: list[float] = field(default_factory=list)
+    token_texts: list[str] = field(default_factory=list)
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
     # With SamplingConfig.top_logprobs / prompt_logprobs set: one per token.
@@ -177,6 +178,9 @@ class DecodeSequence:
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.entropies: list[float] = []
+        # Where the text ended after each token (streaming hands a token's detail out with
+        # the last of its text; token_texts() cuts the text at these points).
+        self.text_ends: list[int] = []
         self.text = ""
         self.finish_reason: str | None = None  # "stop" | "length" | "error"
         self.error: LoraplexError | None = None
@@ -184,10 +188,8 @@ class DecodeSequence:
         self.first_token_at = 0.0
         self.finished_at = 0.0
         self._longest_stop = max((len(s) for s in config.stop), default=0)
-        # Only when asked: per-token detail, and where each token's text ends (streaming
-        # hands a token's detail out with the last of its text).
+        # Only when asked: per-token detail.
         self.details: list[TokenLogprob] | None = None
-        self.detail_ends: list[int] = []
         if config.top_logprobs is not None:
             self.details = []
         self.prompt_details: list[TokenLogprob] | None = None
@@ -227,9 +229,9 @@ class DecodeSequence:
         if not end_of_sequence:
             self.tokens.append(token)
             self.text = detokenize(self.tokens)
+        self.text_ends.append(len(self.text))
         if self.details is not None:
             self.details.append(TokenLogprob(token, logprob, top))
-            self.detail_ends.append(len(self.text))
         if end_of_sequence:
             # A row the budget made close early was cut short all the same.
             self._finish("length" if self.grammar and self.grammar.forced_close else "stop")
@@ -252,7 +254,7 @@ class DecodeSequence:
 
     def details_through(self, text_end: int) -> int:
         """How many token details belong to text up to `text_end` (all, once finished)."""
-        return len(self.details) if self.finished else bisect_right(self.detail_ends, text_end)
+        return len(self.details) if self.finished else bisect_right(self.text_ends, text_end)
 
     def stable_text_length(self) -> int:
         """How much of the text is final: a stop string may still cut the tail, and a
@@ -264,6 +266,16 @@ class DecodeSequence:
             end -= 1
         return max(end, 0)
 
+    def token_texts(self) -> list[str]:
+        """The text each token added, joined the final text: '' for end-of-sequence, past a
+        stop string's cut, and for a byte whose character only the next token completes."""
+        pieces, start = [], 0
+        for end in self.text_ends:
+            end = min(max(end, start), len(self.text))
+            pieces.append(self.text[start:end])
+            start = end
+        return pieces
+
     def result(self) -> Generation:
         return Generation(
             text=self.text,
@@ -272,6 +284,7 @@ class DecodeSequence:
             completion_tokens=len(self.logprobs),
             token_logprobs=self.logprobs,
             token_entropies=self.entropies,
+            token_texts=self.token_texts(),
             time_to_first_token=(self.first_token_at or self.finished_at) - self.started_at,
             total_seconds=self.finished_at - self.started_at,
             logprobs=self.details,

@@ -157,6 +157,7 @@ def generate_response(result: GenerateResult, token_piece) -> pb.GenerateRespons
         adapter=adapter_ref(served),
         token_logprobs=gen.token_logprobs,
         token_entropies=gen.token_entropies,
+        token_texts=gen.token_texts,
         choices=[choice_proto(c, token_piece) for c in result.choices],
     )
 

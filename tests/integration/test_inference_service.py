@@ -117,6 +117,29 @@ async def test_stop_sequence_cuts_the_text(stub):
     assert full.text.startswith(cut.text)
 
 
+async def test_token_texts_are_each_tokens_share_of_the_text(stub, inference):
+    """The text each token added (what the review screen shades by entropy): the difference
+    of the tokenizer's decodes of consecutive prefixes, joined the text, cut at a stop."""
+    tenant = new_tenant()
+    await register(stub, tenant)
+    full = await stub.Generate(
+        generate_request(tenant, "support", max_new_tokens=24, top_logprobs=0)
+    )
+    ids = [d.token_id for d in full.choices[0].logprobs]
+    decode = inference[1].engine.tokenizer.decode
+    prefixes = [decode(ids[:k], skip_special_tokens=True) for k in range(len(ids) + 1)]
+    expected = [b[len(a) :] for a, b in itertools.pairwise(prefixes)]
+    assert all(b.startswith(a) for a, b in itertools.pairwise(prefixes))
+    assert list(full.token_texts) == expected
+    assert "".join(full.token_texts) == full.text
+    assert len(full.token_texts) == len(full.token_entropies) == full.usage.completion_tokens
+
+    stop = full.text.split()[2]
+    cut = await stub.Generate(generate_request(tenant, "support", max_new_tokens=24, stop=[stop]))
+    assert len(cut.token_texts) == cut.usage.completion_tokens
+    assert "".join(cut.token_texts) == cut.text
+
+
 async def test_length_finish_reason(stub):
     reply = await stub.Generate(generate_request(new_tenant(), max_new_tokens=2, prompt="The"))
     assert reply.usage.completion_tokens <= 2

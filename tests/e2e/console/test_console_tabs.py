@@ -153,13 +153,16 @@ def test_review_rates_one_item_after_another(console_tenant: ConsoleTenant) -> N
         assert at.code[0].value in PROMPTS  # the prompt, at the top
         item = next(c.value for c in at.caption if c.value.startswith("Item "))
         seen.append(item.split(" · ")[0])
-        # Served with max_tokens 8: at most 8 tokens' entropies, one shaded cell each; the
-        # item's entropy score is their mean.
-        tokens = re.search(r"Entropy of each of the (\d+) tokens", texts(at))
-        assert tokens and 1 <= int(tokens[1]) <= 8
+        # Served with max_tokens 8: at most 8 tokens, each shaded by its entropy in the
+        # output's text; the item's entropy score is their mean.
+        assert "Shaded by entropy" in texts(at)
         leased = at.session_state["per_tenant"]["_own"]["lease"]["item"]
-        assert len(leased["token_entropies"]) == int(tokens[1])
-        mean = sum(leased["token_entropies"]) / int(tokens[1])
+        pieces, entropies = leased["token_texts"], leased["token_entropies"]
+        assert 1 <= len(pieces) == len(entropies) <= 8
+        assert "".join(pieces) == leased["output"]
+        shaded = next(m.value for m in at.markdown if "token-entropy" in m.value)
+        assert shaded.count("<span ") == len(pieces)
+        mean = sum(entropies) / len(entropies)
         assert f"(entropy {mean:.3f}," in item
         at.button(key=answer).click().run()
         no_errors(at)
