@@ -39,7 +39,7 @@ from bench.common import (
     summarize,
     write_json,
 )
-from bench.shapes import SHAPES, TINY, build_model_dir
+from bench.shapes import SHAPES, TINY, build_model_dir, storage_dtype
 from services.inference.decoding import DecodeSequence, SamplingConfig
 from services.inference.lora import LoraWeights
 from services.inference.scheduler import Scheduler
@@ -59,6 +59,20 @@ def prompts(count: int, length: int) -> list[list[int]]:
     return ids.tolist()
 
 
+def agreement(engine: MeasuredEngine, peft, ours: list[LoraWeights]) -> dict[str, float]:
+    """One mixed-adapter prefill (up to 7 adapters and a row without), loraplex against
+    PEFT's adapter_names=: that both compute the same thing on this device and dtype."""
+    rows = [*range(min(len(ours), 7)), None]
+    ids = torch.tensor(prompts(len(rows), 16), device=engine.device)
+    names = [f"a{r}" if r is not None else "__base__" for r in rows]
+    with torch.inference_mode():
+        theirs = peft(input_ids=ids, adapter_names=names).logits.float()
+        with engine.adapters([ours[r] if r is not None else None for r in rows]):
+            mine = engine.model(input_ids=ids).logits.float()
+    top1 = (mine.argmax(-1) == theirs.argmax(-1)).float().mean()
+    return {"max_abs_logit_diff": float((mine - theirs).abs().max()), "top1_agreement": float(top1)}
+
+
 def through_scheduler(
     scheduler: Scheduler, rows: list[list[int]], adapters: list[LoraWeights | None], new: int
 ) -> None:
@@ -74,12 +88,6 @@ def through_scheduler(
                 pass
 
     asyncio.run(run())
-
-
-def storage_dtype(args: argparse.Namespace) -> torch.dtype:
-    """The dtype a random model is written in: the one it will run in (half the bytes to
-    write and read for a 1B model in bfloat16)."""
-    return torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
 
 
 def arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -106,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     distinct_counts = [int(n) for n in args.distinct.split(",")]
     ranks = [int(r) for r in args.ranks.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model_dir(args.shape, Path(tmp) / "model", storage_dtype(args))
+        model_dir = build_model_dir(args.shape, Path(tmp) / "model", storage_dtype(args.dtype))
         engine = MeasuredEngine(model_dir, args.device, args.dtype)
         paths = make_adapters(model_dir, Path(tmp), max(distinct_counts), ranks)
         ours = load_ours(engine, paths)
@@ -123,6 +131,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"{torch.get_num_threads()} threads: {args.prompt} prompt + {args.new} new tokens "
         f"per request, greedy, batches of {args.batch}, adapter ranks {args.ranks}, "
         f"{args.rounds} interleaved rounds"
+    )
+    same = agreement(engine, peft, ours)
+    print(
+        f"loraplex vs PEFT, one mixed prefill: max |logit difference| "
+        f"{same['max_abs_logit_diff']:.2g}, top-1 token agreement {same['top1_agreement']:.1%}"
     )
     results = {}
     try:
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                 f"measured {ratio:5.2f}x  {'met' if ratio >= goal else 'MISSED'}"
             )
     options = {k: v for k, v in vars(args).items() if k != "out"}
-    report = options | {"parameters": parameters, "by_distinct": results}
+    report = options | {"parameters": parameters, "agreement": same, "by_distinct": results}
     report["device"], report["dtype"] = str(engine.device), str(engine.dtype)
     name = args.out or ("multi_adapter" if args.shape == TINY else f"multi_adapter-{args.shape}")
     write_json(name, report | {"targets": verdicts})

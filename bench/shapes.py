@@ -56,7 +56,6 @@ SHAPES: dict[str, dict | None] = {
         "num_attention_heads": 16,
         "num_key_value_heads": 4,
         "vocab_size": 3072,
-        "max_position_embeddings": 8192,
     },
     # A few MB: for tests of the benchmarks themselves.
     "llama-2x128": LLAMA_3_2_1B
@@ -67,7 +66,6 @@ SHAPES: dict[str, dict | None] = {
         "num_attention_heads": 2,
         "num_key_value_heads": 1,
         "vocab_size": 3072,
-        "max_position_embeddings": 1024,
     },
 }
 
@@ -96,3 +94,9 @@ def build_model_dir(shape: str, out: Path, dtype: torch.dtype = torch.float32) -
     for name in _TOKENIZER_FILES:
         shutil.copy(tiny / name, out / name)
     return out
+
+
+def storage_dtype(dtype: str) -> torch.dtype:
+    """The dtype to write a random model in: bfloat16 when it will run in bfloat16 (half
+    the bytes to write and read for a 1B model), else float32."""
+    return torch.bfloat16 if dtype == "bfloat16" else torch.float32
