@@ -1,9 +1,9 @@
 """B1: generation throughput with many adapters in one batch, against the alternatives.
 
-For each number of distinct adapters (1, 16 and 256 by default), max(64, distinct)
-requests spread evenly over that many real PEFT adapters (ranks 8-64 by default, three
-different sets of target modules), 32 prompt + exactly 32 new tokens each, greedy, all
-four ways interleaved for several rounds:
+For each number of distinct adapters (1, 16 and 256 by default), max(--requests (64),
+distinct) requests spread evenly over that many real PEFT adapters (ranks 8-64 by default,
+three different sets of target modules), 32 prompt + exactly 32 new tokens each, greedy,
+all four ways interleaved for several rounds:
   (a) peft-switch   PEFT set_adapter() and generate() per request, one at a time (the
                     first --switch-requests only: alone, each costs the same however many)
   (b) peft-mixed    PEFT generate() on batches of --batch rows with adapter_names= per row

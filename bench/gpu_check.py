@@ -29,16 +29,16 @@ EQUIVALENCE_TESTS = [
     "tests/unit/test_compose_matches_peft.py",
 ]
 
-# (shape, dtype, B1 options, B2 options) per machine kind and size.
+# (shape, dtype, B1 options, B2 options) per device, and for --size test.
 PROFILES = {
-    ("cuda", "full"): (
+    "cuda": (
         "llama-1b",
         "bfloat16",
         "--distinct 1,16,256 --ranks 8,16,32,64 --prompt 32 --new 32 --rounds 2 "
         "--switch-requests 8",
         "--distinct 16 --clients 32 --per-client 2 --prompt 32 --new 32 --rounds 2",
     ),
-    ("cpu", "full"): (
+    "cpu": (
         "llama-2x128",
         "float32",
         "--distinct 1,16,256 --ranks 8,16,32,64 --prompt 16 --new 16 --rounds 3 "
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="gpu_check", help="results name")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    shape, dtype, b1, b2 = TEST_SIZE if args.size == "test" else PROFILES[(device, "full")]
+    shape, dtype, b1, b2 = TEST_SIZE if args.size == "test" else PROFILES[device]
     common = ["--shape", shape, "--device", device, "--dtype", dtype]
     began = time.perf_counter()
     # The test size runs one equivalence file: the suite runs all of them anyway.
