@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
         peft = load_peft(model_dir, paths, engine.device, engine.dtype)
     scheduler = Scheduler(
         engine,
-        BatchingLimits(max_batch_size=args.batch, max_queued_requests=4096),
+        BatchingLimits(
+            max_batch_size=args.batch, max_queued_requests=4096, max_queued_per_tenant=4096
+        ),
     )
     scheduler.start()
     parameters = sum(p.numel() for p in engine.model.parameters())
