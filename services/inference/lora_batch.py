@@ -198,9 +198,10 @@ class LoraBatch:
         """output += module `name`'s LoRA contribution for input x, in place (the output
         is the base layer's fresh result, which nothing else holds yet)."""
         if self.single is not None:
-            delta = self.delta(name, x)
-            if delta is not None:
-                output.add_(delta.to(output.dtype))
+            lora = self.single.modules.get(name)
+            if lora is not None:  # scaling applied by the add itself: no scaled copy
+                xab = (x.to(lora.a.dtype) @ lora.a.T) @ lora.b.T
+                output.add_(xab.to(output.dtype), alpha=lora.scaling)
             return
         stacked = self.modules.get(name)
         plan = self._plan(stacked.slots) if stacked is not None else None
