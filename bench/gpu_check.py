@@ -2,10 +2,13 @@
 
 With CUDA: the LoRA equivalence tests (loraplex against PEFT), then B1 (throughput, mixed
 adapters, against PEFT) and B2 (latency under load) at Llama-3.2-1B's shape in bfloat16,
-in under 8 minutes on one GPU. Without CUDA the same steps run on the CPU in float32 at a
-small shape (`llama-2x128`), so the path is exercised everywhere; `--size test` shrinks
-every step further (the test suite runs that). Prints a table, then the whole result as
-one line of JSON (also written to bench/results/gpu_check.json, or --out).
+sized for under 8 minutes on one GPU. Without CUDA the same steps run on the CPU in float32
+at a small shape (`llama-2x128`), so the path is exercised everywhere; `--size test`
+shrinks every step further (the test suite runs that). Most of B1's set-up time is PEFT
+loading its 256 adapters (it grows faster than linearly with their number);
+`--b1="--distinct 1,16 ..."` and `--b2="..."` replace either benchmark's options. Prints a
+table, then the whole result as one line of JSON (also written to
+bench/results/gpu_check.json, or --out).
 """
 
 from __future__ import annotations
@@ -76,9 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench/gpu_check.sh")
     parser.add_argument("--size", choices=("full", "test"), default="full")
     parser.add_argument("--out", default="gpu_check", help="results name")
+    parser.add_argument("--b1", help="B1's options instead of the profile's (quoted)")
+    parser.add_argument("--b2", help="B2's options instead of the profile's (quoted)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape, dtype, b1, b2 = TEST_SIZE if args.size == "test" else PROFILES[device]
+    b1, b2 = args.b1 or b1, args.b2 or b2
     common = ["--shape", shape, "--device", device, "--dtype", dtype]
     began = time.perf_counter()
     # The test size runs one equivalence file: the suite runs all of them anyway.
