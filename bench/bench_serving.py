@@ -15,10 +15,14 @@ and 2 (POST /composition/swap). For each swap: how long until new requests get t
 version (the swap call), how long until the first response from the new version, and
 whether any request failed or was served an older version after its swap returned.
 Prints tables, writes bench/results/serving.json.
+
+`--shape llama-8x1024` (or another of bench/shapes.py) measures B2 instead in-process at
+that model shape, with random adapters (bench/latency_at_shape.py says how).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import statistics
 import tempfile
@@ -28,7 +32,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench import latency_at_shape
 from bench.common import write_json
+from bench.shapes import SHAPES, TINY
 from services.common.localhost import free_port, start_redis_server
 from services.inference.library import RealtimeCompositor
 from services.inference.settings import InferenceSettings
@@ -284,8 +290,21 @@ async def run(stack: LocalStack, bare: LocalStack, redis_url: str, tmp: Path) ->
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict | None:
+    """B2 and B3; with --shape, B2 at that shape instead (its results returned)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_serving")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default=TINY,
+        help="another shape than tiny: B2 in-process at that shape (bench/latency_at_shape.py)",
+    )
+    latency_at_shape.add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.shape != TINY:
+        return latency_at_shape.run(args)
     asyncio.run(main_async())
+    return None
 
 
 if __name__ == "__main__":

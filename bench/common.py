@@ -6,7 +6,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,26 +15,37 @@ from transformers import AutoModelForCausalLM
 
 from services.inference.engine import Engine
 from services.inference.lora import LoraWeights, parse_adapter
+from services.inference.lora_batch import LoraBatch
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj"]]
 
 
-def make_adapters(model_dir: Path, out: Path, count: int) -> list[Path]:
-    """Real PEFT adapters with random (non-zero) factors, ranks 8-16, different targets."""
+def make_adapters(
+    model_dir: Path, out: Path, count: int, ranks: Sequence[int] = (8, 12, 16)
+) -> list[Path]:
+    """`count` real PEFT adapters with random (non-zero) factors: adapter i has rank
+    ranks[i % len(ranks)] and targets TARGETS[i % 3]. PEFT wraps the base once per (rank,
+    targets) pair and saves each adapter of that pair with fresh seeded factors."""
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    paths = []
+    pairs: dict[tuple[int, int], list[int]] = {}
     for i in range(count):
-        torch.manual_seed(i)
-        rank = 8 + (i % 3) * 4
+        pairs.setdefault((ranks[i % len(ranks)], i % len(TARGETS)), []).append(i)
+    paths = [out / f"a{i}" for i in range(count)]
+    for (rank, targets), members in pairs.items():
         config = LoraConfig(
-            r=rank, lora_alpha=2 * rank, target_modules=TARGETS[i % 3], init_lora_weights=False
+            r=rank, lora_alpha=2 * rank, target_modules=TARGETS[targets], init_lora_weights=False
         )
-        path = out / f"a{i}"
         model = get_peft_model(base, config)
-        model.save_pretrained(path)
-        base = model.unload()  # the same base again, without this adapter's layers
-        paths.append(path)
+        factors = [p for name, p in model.named_parameters() if "lora_" in name]
+        for i in members:
+            generator = torch.Generator().manual_seed(i)
+            with torch.no_grad():
+                for factor in factors:
+                    std = factor.shape[1] ** -0.5  # keeps x·Aᵀ·Bᵀ of the size of x
+                    factor.copy_(torch.randn(factor.shape, generator=generator) * std)
+            model.save_pretrained(paths[i])
+        base = model.unload()  # the same base again, without this pair's layers
     return paths
 
 
@@ -51,15 +62,36 @@ def load_ours(engine: Engine, paths: list[Path]) -> list[LoraWeights]:
     ]
 
 
-def load_peft(model_dir: Path, paths: list[Path], device: torch.device) -> PeftModel:
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+def load_peft(
+    model_dir: Path, paths: list[Path], device: torch.device, dtype: torch.dtype = torch.float32
+) -> PeftModel:
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)
     # The model's chat stop strings would make generate() search text at every step (and
     # demand a tokenizer); the benchmarks generate a fixed number of tokens instead.
     base.generation_config.stop_strings = None
-    peft = PeftModel.from_pretrained(base, paths[0], adapter_name="a0")
+    # low_cpu_mem_usage: each adapter's layers are created empty and filled from its
+    # file, not initialised first (hundreds of adapters of a 1B model load in seconds).
+    peft = PeftModel.from_pretrained(base, paths[0], adapter_name="a0", low_cpu_mem_usage=True)
     for i, p in enumerate(paths[1:], start=1):
-        peft.load_adapter(p, adapter_name=f"a{i}")
+        peft.load_adapter(p, adapter_name=f"a{i}", low_cpu_mem_usage=True)
     return peft.eval()
+
+
+class MeasuredEngine(Engine):
+    """The engine, recording the largest KV cache and LoRA stacks its passes held."""
+
+    peak_kv_bytes = 0
+    peak_lora_bytes = 0
+
+    def forward(self, input_ids, attention_mask, position_ids, cache, lora: LoraBatch):
+        logits, cache = super().forward(input_ids, attention_mask, position_ids, cache, lora)
+        kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+        self.peak_kv_bytes = max(self.peak_kv_bytes, kv)
+        self.peak_lora_bytes = max(self.peak_lora_bytes, lora.nbytes)
+        return logits, cache
+
+    def reset_peaks(self) -> None:
+        self.peak_kv_bytes = self.peak_lora_bytes = 0
 
 
 def timed(fn: Callable[[], object]) -> float:

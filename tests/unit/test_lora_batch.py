@@ -3,6 +3,8 @@ per-row LoRA as gathering the new rows from scratch."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -86,3 +88,21 @@ def test_siblings_share_one_product_of_the_same_input_and_only_of_it(engine, dem
     check(f"{layer}.self_attn.k_proj", other)  # ...and a sibling given another input
     for leaf in ("gate_proj", "up_proj"):
         check(f"{layer}.mlp.{leaf}", hidden)
+
+
+def test_stacks_hold_each_distinct_adapter_once_however_many_rows_use_it(engine, demo):
+    """Rows are grouped by adapter: the stacks hold, per module, the adapters that target
+    it, padded to their largest rank, and no more when more rows share them."""
+    configs = {
+        t: json.loads((DEMO_ADAPTERS / t / "adapter_config.json").read_text()) for t in DEMO_TENANTS
+    }
+    expected = 0
+    for name, shape in engine.linear_shapes.items():
+        owners = [c for c in configs.values() if name.rsplit(".", 1)[-1] in c["target_modules"]]
+        if owners:
+            rank = max(c["r"] for c in owners)
+            expected += len(owners) * rank * (shape.in_features + shape.out_features) * 4
+    rows = [demo[t] for t in DEMO_TENANTS] + [None]
+    assert engine.lora_batch(rows).nbytes == expected
+    assert engine.lora_batch(rows * 5).nbytes == expected
+    assert engine.lora_batch([demo["bank"]] * 4).nbytes == 0  # one adapter: plain matmuls
