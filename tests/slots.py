@@ -1,0 +1,57 @@
+"""A guard that every Redis command the code sends stays in one hash slot.
+
+Redis Cluster refuses a multi-key command or a script whose declared KEYS span slots
+(CROSSSLOT), but it lets a script touch an undeclared key of another slot when that slot
+happens to live on the same node -- which depends on how slots fall on the nodes. So the
+guard looks at every command as it is packed for the wire (scripts included, with their
+ARGV, where key prefixes are passed): all arguments shaped like one of our keys
+(`lp:{tag}:...`, services/common/keys.py) must share one hash tag. Pub/sub channels are
+named the same way but belong to no slot (a cluster hands every PUBLISH, from a script
+too, to every node), so they do not count. It records, rather than raises, so a
+violation deep inside a service shows up in the test that caused it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from redis.asyncio.connection import AbstractConnection
+
+from services.experiments.keys import DEFINITIONS_CHANNEL
+from services.inference.registry import SWAP_CHANNEL
+
+_KEY = re.compile(rb"lp:\{([^}]*)\}:")
+CHANNELS = {DEFINITIONS_CHANNEL.encode(), SWAP_CHANNEL.encode()}
+
+
+def hash_tags(args: tuple) -> set[bytes]:
+    """The hash tags of the arguments that are our key names or key prefixes."""
+    tags = set()
+    for arg in args:
+        raw = arg.encode() if isinstance(arg, str) else arg
+        if isinstance(raw, bytes) and raw not in CHANNELS:
+            match = _KEY.match(raw)
+            if match:
+                tags.add(match[1])
+    return tags
+
+
+@contextmanager
+def cross_slot_commands() -> Iterator[list[tuple]]:
+    """While inside: every packed command whose key arguments name more than one hash
+    tag is appended to the yielded list."""
+    seen: list[tuple] = []
+    original = AbstractConnection.pack_command
+
+    def pack_command(self, *args):
+        if len(hash_tags(args)) > 1:
+            seen.append(args)
+        return original(self, *args)
+
+    AbstractConnection.pack_command = pack_command
+    try:
+        yield seen
+    finally:
+        AbstractConnection.pack_command = original
