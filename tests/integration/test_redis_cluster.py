@@ -9,7 +9,7 @@ import asyncio
 
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import CrossSlotTransactionError, RedisClusterException
+from redis.exceptions import CrossSlotTransactionError, RedisClusterException, ResponseError
 
 from services.common.keys import key
 from services.common.pubsub import ChannelListener
@@ -29,11 +29,17 @@ async def cluster(cluster_redis_url):
     await client.aclose()
 
 
-async def test_keys_of_two_tenants_in_one_script_or_transaction_are_refused(cluster):
+async def test_keys_of_two_tenants_in_one_script_or_transaction_are_refused(
+    cluster, _cross_slot_log
+):
     a, b = new_tenant(), new_tenant()
     script = cluster.register_script("return redis.call('MGET', KEYS[1], KEYS[2])")
     with pytest.raises(RedisClusterException, match="same key slot"):
         await script(keys=[key(a, "x"), key(b, "x")])
+    # Pipelined calls are routed by their first key; the server refuses the rest.
+    with pytest.raises(ResponseError, match="don't hash to the same slot"):  # CROSSSLOT
+        await run_script_many(cluster, script, [([key(a, "x"), key(b, "x")], [])])
+    assert _cross_slot_log.pop()[3:5] == (key(a, "x"), key(b, "x"))  # the guard saw it too
     with pytest.raises(CrossSlotTransactionError):
         async with cluster.pipeline(transaction=True) as pipe:
             pipe.set(key(a, "x"), 1)
