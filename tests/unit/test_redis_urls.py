@@ -33,13 +33,20 @@ async def test_other_schemes_select_a_single_server_client():
     assert is_cluster_url("redis+cluster://h:1") and is_cluster_url("rediss+cluster://h:1")
 
 
-def test_guard_flags_a_command_or_script_spanning_two_tenants():
+def test_guard_flags_a_command_or_script_spanning_two_tenants_or_declaring_no_keys():
     packer = Connection()
     with cross_slot_commands() as seen:
         packer.pack_command("HGET", key("a", "adapters"), "x")  # one tag: fine
         packer.pack_command("EVALSHA", "0" * 40, 1, key("a", "q"), key("a", "item", ""))
         packer.pack_command("EVALSHA", "0" * 40, 1, key("a", "q"), DEFINITIONS_CHANNEL)
         assert seen == []
+        packer.pack_command("EVALSHA", "0" * 40, 0, DEFINITIONS_CHANNEL, "{}")  # no keys
+        assert seen == []
         packer.pack_command("MGET", key("a", "x"), key("b", "x"))
         packer.pack_command("EVALSHA", "0" * 40, 1, key("a", "q"), key("b", "item", ""))
-    assert [args[0] for args in seen] == ["MGET", "EVALSHA"]
+        packer.pack_command("EVALSHA", "0" * 40, 0, key("a", "job", "1"), "token")
+    assert [args[:3] for args in seen] == [
+        ("MGET", key("a", "x"), key("b", "x")),
+        ("EVALSHA", "0" * 40, 1),
+        ("EVALSHA", "0" * 40, 0),
+    ]
