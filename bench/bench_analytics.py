@@ -8,6 +8,10 @@
   unaggregated writes (one command per counter update), and the Redis time the record
   script takes per batch (INFO commandstats).
 - TopAdapters over 10,000 adapters of one tenant: p50/p99 client-side latency per metric.
+- Redis Cluster (ANALYTICS_BENCH_CLUSTER=0 skips it): one analytics process on a single
+  redis-server and one on a Redis Cluster of 3 masters (`redis+cluster://`), the same load
+  in interleaved rounds (ingest of batches spread over 8 tenants, then TopAdapters
+  p95_latency); medians, and the median of the rounds' cluster / single ratios.
 
 Prints a table and writes bench/results/analytics.json. Starts its own redis-server
 (no persistence) on a free port; nothing else needs to be running. Every process shares
@@ -38,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loraplex.analytics.v1 import analytics_service_pb2 as pb
 from loraplex.analytics.v1 import analytics_service_pb2_grpc as pb_grpc
 from loraplex.common.v1 import common_pb2
-from services.common.localhost import free_port, start_redis_server
+from services.common.localhost import RedisCluster, free_port, start_redis_server
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "analytics.json"
@@ -48,6 +52,9 @@ TOP_ADAPTERS = 10_000
 TOP_CALLS = int(os.environ.get("ANALYTICS_BENCH_TOP_CALLS", "200"))  # per metric
 TOP_METRICS = ("requests", "success_rate", "p95_latency")
 HINCRBY_N = 2_000_000
+# Single redis-server vs Redis Cluster, side by side (ANALYTICS_BENCH_CLUSTER=0 skips it).
+CLUSTER = os.environ.get("ANALYTICS_BENCH_CLUSTER", "1") != "0"
+CLUSTER_ROUNDS, CLUSTER_BATCHES, CLUSTER_TENANTS, CLUSTER_TOPS = 9, 40, 8, 40
 
 
 def wait_until(check, timeout: float = 30.0) -> None:
@@ -64,11 +71,14 @@ def wait_until(check, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def events_bytes(tenant: str, adapters: int, offset: int, rng: np.random.Generator) -> bytes:
+def events_bytes(
+    tenant: str, adapters: int, offset: int, rng: np.random.Generator, tenants: int = 1
+) -> bytes:
+    """One batch; with tenants > 1 its events go round-robin to tenant-0, tenant-1, ..."""
     latencies = rng.lognormal(-1.0, 0.6, BATCH_EVENTS)
     events = [
         pb.Event(
-            tenant=tenant,
+            tenant=tenant if tenants == 1 else f"{tenant}-{i % tenants}",
             adapter=common_pb2.AdapterRef(name=f"adapter-{(offset + i) % adapters:05d}", version=1),
             experiment="exp" if i % 2 else "",
             variant="b" if i % 4 == 1 else ("a" if i % 2 else ""),
@@ -169,11 +179,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_services(n: int, port: int, redis_port: int) -> list[subprocess.Popen]:
+def start_services(n: int, port: int, redis_url: str) -> list[subprocess.Popen]:
     """n analytics processes listening on one port, once each answers SERVING."""
     env = {
         **os.environ,
-        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "REDIS_URL": redis_url,
         "PORT": str(port),
         "METRICS_PORT": "0",
         "LOG_LEVEL": "warning",
@@ -286,7 +296,7 @@ def main() -> None:
     try:
         for n in INGEST_PROCESSES:
             port = free_port()
-            services = start_services(n, port, redis_port)
+            services = start_services(n, port, f"redis://127.0.0.1:{redis_port}/0")
             try:
                 found = asyncio.run(measure_ingest(port, redis_proc.pid, services, r, f"n{n}"))
                 result["ingest"][f"{n}_processes"] = found
@@ -346,9 +356,95 @@ def main() -> None:
     width = max(len(row[0]) for row in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if CLUSTER:
+        result["cluster_vs_single"] = compare_cluster()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+async def cluster_round(port: int, rng: np.random.Generator, tag: str) -> dict:
+    """One round on the analytics process behind `port`: ingest (multi-tenant batches)
+    and TopAdapters latency."""
+    payloads = [
+        events_bytes("bench", INGEST_ADAPTERS, k, rng, tenants=CLUSTER_TENANTS)
+        for k in range(CLUSTER_BATCHES)
+    ]
+    channels = separate_channels(port, IN_FLIGHT)
+    try:
+        events_per_s = await ingest(channels, payloads, tag)
+        stub = pb_grpc.AnalyticsServiceStub(channels[0])
+        top = await top_latencies(stub, "bench-top", pb.RANK_METRIC_P95_LATENCY, CLUSTER_TOPS)
+    finally:
+        for channel in channels:
+            await channel.close()
+    return {"events_per_second": events_per_s, "top_p95_p50_ms": 1000 * statistics.median(top)}
+
+
+def compare_cluster() -> dict:
+    """The same analytics process and load on a single redis-server and on a Redis Cluster
+    of 3 masters, in interleaved rounds (alternating which goes first); medians, and the
+    median of the rounds' cluster / single ratios."""
+    workdir = tempfile.mkdtemp(prefix="loraplex-bench-cluster-")
+    single_port = free_port()
+    single = start_redis_server(single_port, workdir)
+    cluster = RedisCluster(workdir)
+    urls = {"single": f"redis://127.0.0.1:{single_port}/0", "cluster": cluster.url}
+    ports = {kind: free_port() for kind in urls}
+    services = {kind: start_services(1, ports[kind], url) for kind, url in urls.items()}
+    rounds: dict[str, list[dict]] = {kind: [] for kind in urls}
+    try:
+        rng = np.random.default_rng(2)
+        seed = [
+            events_bytes("bench-top", TOP_ADAPTERS, k * BATCH_EVENTS, rng)
+            for k in range(TOP_ADAPTERS * 2 // BATCH_EVENTS)
+        ]
+        for kind, port in ports.items():
+            asyncio.run(ingest_top_seed(port, seed))
+            asyncio.run(cluster_round(port, rng, f"{kind}-warmup"))
+        for r in range(CLUSTER_ROUNDS):
+            for kind in list(ports)[:: 1 if r % 2 else -1]:
+                found = asyncio.run(cluster_round(ports[kind], rng, f"{kind}-{r}"))
+                rounds[kind].append(found)
+    finally:
+        for procs in services.values():
+            stop_services(procs)
+        cluster.stop()
+        single.terminate()
+        single.wait(timeout=30)
+    out = {
+        kind: {m: statistics.median(x[m] for x in found) for m in found[0]}
+        for kind, found in rounds.items()
+    }
+    # Each round's pair ran back to back: the median of their ratios drifts least with the
+    # machine's load.
+    out["cluster_over_single"] = {
+        m: statistics.median(
+            c[m] / s[m] for s, c in zip(rounds["single"], rounds["cluster"], strict=True)
+        )
+        for m in out["single"]
+    }
+    out["setup"] = (
+        f"{CLUSTER_ROUNDS} interleaved rounds; each: {CLUSTER_BATCHES} batches x "
+        f"{BATCH_EVENTS} events over {CLUSTER_TENANTS} tenants, {IN_FLIGHT} in flight, then "
+        f"{CLUSTER_TOPS} TopAdapters p95_latency over {TOP_ADAPTERS:,} adapters"
+    )
+    print(f"\nRedis Cluster (3 masters) vs single redis-server: {out['setup']}; medians")
+    print(f"{'':<10} {'ingest events/s':>16} {'TopAdapters p50 ms':>19}")
+    for kind in ("single", "cluster"):
+        got = out[kind]
+        print(f"{kind:<10} {got['events_per_second']:>16,.0f} {got['top_p95_p50_ms']:>19.2f}")
+    ratio = out["cluster_over_single"]
+    print(
+        f"{'ratio':<10} {ratio['events_per_second']:>16.2f} {ratio['top_p95_p50_ms']:>19.2f}"
+        "   (median of the rounds' cluster / single)"
+    )
+    return out
+
+
+async def ingest_top_seed(port: int, payloads: list[bytes]) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        await ingest([channel], payloads, "top")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ inputs for every row, rows run one after another:
 - `client, redis sticky, 32 callers`: the same with 32 concurrent callers (the calls of
   one event-loop turn share a pipeline).
 
+Part 1b, Redis Cluster (BENCH_CLUSTER=0 skips it): `client, redis sticky` with 1 and 32
+callers on a single redis-server and on a Redis Cluster of 3 masters (`redis+cluster://`),
+CLUSTER_UNITS new units per row, interleaved rounds (alternating which goes first);
+medians of p50 latency and of assignments per second, and the median of the rounds'
+cluster / single ratios.
+
 Latencies are per call (perf_counter around each); CPU is this process's (and
 redis-server's) per assignment; per core/s = 1 / this process's CPU per assignment. Every
 unit's variant is checked against GrowthBook's.
@@ -48,7 +54,7 @@ from growthbook.common_types import Experiment as GbExperiment
 
 from bench.common import write_json
 from services.common.keys import adapter_index
-from services.common.localhost import free_port, start_redis_server
+from services.common.localhost import RedisCluster, free_port, start_redis_server
 from services.common.redis import connect
 from services.experiments.client import ExperimentsClient
 from services.experiments.core import ExperimentStore, Update
@@ -59,6 +65,8 @@ UNITS = int(os.environ.get("BENCH_UNITS", 20_000))
 CALLERS = 32
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", 300))
 E2E = os.environ.get("BENCH_E2E", "1") != "0"
+CLUSTER = os.environ.get("BENCH_CLUSTER", "1") != "0"
+CLUSTER_UNITS, CLUSTER_ROUNDS = 5_000, 5
 TENANT, KEY, WEIGHTS = "bench", "bench", [0.5, 0.5]
 TARGET_P50_MS = 0.5
 
@@ -137,11 +145,7 @@ async def run_client(
 
 async def assignment_rows(redis_url: str, redis_pid: int) -> list[dict]:
     redis = connect(redis_url)
-    await redis.hset(adapter_index(TENANT), "support", 1)
-    store = ExperimentStore(redis)
-    variants = tuple(Variant(n, (VariantAdapter("support"),), 0.5) for n in ("a", "b"))
-    await store.create(Experiment(KEY, TENANT, variants))
-    await store.update(TENANT, KEY, Update(action="start"))
+    await setup_experiment(redis)
     rows, reference = [], None
     for sticky in (False, True):
         latencies, cpu, chosen = run_growthbook([f"u{i}" for i in range(UNITS)], sticky)
@@ -168,6 +172,69 @@ async def assignment_rows(redis_url: str, redis_pid: int) -> list[dict]:
             assert chosen == run_growthbook(units, False)[2], "disagreement with GrowthBook"
     await redis.aclose()
     return rows
+
+
+async def setup_experiment(redis) -> None:
+    await redis.hset(adapter_index(TENANT), "support", 1)
+    store = ExperimentStore(redis)
+    variants = tuple(Variant(n, (VariantAdapter("support"),), 0.5) for n in ("a", "b"))
+    await store.create(Experiment(KEY, TENANT, variants))
+    await store.update(TENANT, KEY, Update(action="start"))
+
+
+async def cluster_rows(urls: dict[str, str]) -> dict:
+    """`client, redis sticky` (1 and CALLERS callers) on each Redis of `urls`, rounds
+    interleaved; per kind and callers: medians of p50 ms and assignments/s."""
+    clients = {}
+    for kind, url in urls.items():
+        redis = connect(url)
+        await setup_experiment(redis)
+        client = ExperimentsClient(redis)
+        client.start()
+        await client.wait_listening()
+        await client.assign(TENANT, KEY, "warm-up")
+        clients[kind] = client
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in range(CLUSTER_ROUNDS):
+        for kind in list(clients)[:: 1 if r % 2 else -1]:
+            for callers in (1, CALLERS):
+                units = [f"c{r}-{callers}-u{i}" for i in range(CLUSTER_UNITS)]
+                started = time.perf_counter()
+                latencies, _, _ = await run_client(clients[kind], units, callers)
+                rate = len(units) / (time.perf_counter() - started)
+                p50 = 1000 * statistics.median(latencies)
+                samples.setdefault((kind, callers), []).append((p50, rate))
+    for client in clients.values():
+        await client.close()
+        await client.redis.aclose()
+    out: dict = {"cluster_over_single": {}}
+    for (kind, callers), found in samples.items():
+        out.setdefault(kind, {})[f"{callers}_callers"] = {
+            "p50_ms": statistics.median(p for p, _ in found),
+            "assignments_per_second": statistics.median(x for _, x in found),
+        }
+    for callers in (1, CALLERS):  # the median of the rounds' ratios (each pair back to back)
+        pairs = list(zip(samples[("single", callers)], samples[("cluster", callers)], strict=True))
+        out["cluster_over_single"][f"{callers}_callers"] = {
+            m: statistics.median(c[i] / s[i] for s, c in pairs)
+            for i, m in enumerate(("p50_ms", "assignments_per_second"))
+        }
+    return out
+
+
+def print_cluster(found: dict) -> None:
+    print(
+        f"\nRedis Cluster (3 masters) vs single redis-server: client, redis sticky; "
+        f"{CLUSTER_UNITS:,} new units per row, {CLUSTER_ROUNDS} interleaved rounds, medians"
+    )
+    print(f"{'':<10} {'callers':>8} {'p50 ms':>8} {'assignments/s':>14}")
+    for kind in ("single", "cluster", "cluster_over_single"):
+        for callers, got in found[kind].items():
+            name = "ratio" if kind == "cluster_over_single" else kind
+            number = callers.split("_")[0]
+            rate = got["assignments_per_second"]
+            rate_text = f"{rate:>14.2f}" if name == "ratio" else f"{rate:>14,.0f}"
+            print(f"{name:<10} {number:>8} {got['p50_ms']:>8.3f} {rate_text}")
 
 
 async def end_to_end(redis_url: str, run_dir: Path) -> dict:
@@ -260,6 +327,16 @@ async def main_async() -> None:
         try:
             rows = await assignment_rows(f"{url}/0", redis.pid)
             print_assignment(rows)
+            cluster = None
+            if CLUSTER:
+                redis_cluster = RedisCluster(tmp)
+                try:
+                    cluster = await cluster_rows(
+                        {"single": f"{url}/2", "cluster": redis_cluster.url}
+                    )
+                finally:
+                    redis_cluster.stop()
+                print_cluster(cluster)
             e2e = None
             if E2E:
                 run_dir = Path(tmp) / "stack"
@@ -274,7 +351,7 @@ async def main_async() -> None:
     write_json(
         "experiments",
         {"units": UNITS, "requests": REQUESTS, "load_average": load, "assignment": rows}
-        | {"end_to_end": e2e},
+        | {"cluster_vs_single": cluster, "end_to_end": e2e},
     )
 
 

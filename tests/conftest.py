@@ -1,4 +1,6 @@
-"""Shared fixtures: a real redis-server on a free port for the whole session."""
+"""Shared fixtures: a real redis-server on a free port for the whole session, and a real
+Redis Cluster (3 masters) started on first use. `redis_url` is the single server here;
+tests/integration/conftest.py makes it each of the two in turn."""
 
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from services.common.localhost import free_port, start_redis_server
+from services.common.localhost import RedisCluster, free_port, start_redis_server
+from services.common.redis import connect, is_cluster_url
+from tests.helpers import database_url
 
 
 @pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def single_redis_url() -> Iterator[str]:
     port = free_port()
     workdir = tempfile.mkdtemp(prefix="loraplex-test-redis-")
     # Database 0 holds the session-wide servers' state; each redis_client gets its own.
@@ -24,6 +28,19 @@ def redis_url() -> Iterator[str]:
     proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def cluster_redis_url() -> Iterator[str]:
+    """A real Redis Cluster: 3 masters, each slot on one of them, no replicas."""
+    cluster = RedisCluster(tempfile.mkdtemp(prefix="loraplex-test-redis-cluster-"))
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_url(single_redis_url: str) -> str:
+    return single_redis_url
+
+
 MAX_TEST_DATABASES = 4096
 _test_databases = itertools.count(1)
 
@@ -31,17 +48,19 @@ _test_databases = itertools.count(1)
 @pytest.fixture
 def test_redis_url(redis_url: str) -> str:
     """The URL of an empty database of this test's own on the session's Redis: the test
-    sees only its own keys and never touches the session-wide servers' (database 0)."""
+    sees only its own keys and never touches the session-wide servers' (database 0).
+    On the cluster: the cluster's URL (one database, shared)."""
     database = next(_test_databases)
     assert database <= MAX_TEST_DATABASES, "raise MAX_TEST_DATABASES"
-    return redis_url.rsplit("/", 1)[0] + f"/{database}"
+    return database_url(redis_url, database)
 
 
 @pytest.fixture
 async def redis_client(test_redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(test_redis_url)
+    client = connect(test_redis_url)
     yield client
-    await client.flushdb()  # its own database: frees memory, touches no one else's
+    if not is_cluster_url(test_redis_url):
+        await client.flushdb()  # its own database: frees memory, touches no one else's
     await client.aclose()
 
 

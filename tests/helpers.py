@@ -18,10 +18,25 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status.rpc_status import GRPC_DETAILS_METADATA_KEY
 
 from services.common.localhost import free_port, start_redis_server
+from services.common.redis import is_cluster_url
 from services.common.settings import REPO_ROOT
 
 DEMO_ADAPTERS = REPO_ROOT / "models" / "adapters"
 DEMO_TENANTS = ("retailer", "bank", "airline")
+
+
+def database_url(url: str, database: int) -> str:
+    """`url` with another database number; a cluster has only database 0, so there the
+    same URL (tests keep apart by tenant names instead)."""
+    return url if is_cluster_url(url) else url.rsplit("/", 1)[0] + f"/{database}"
+
+
+async def kill_pubsub_connections(redis) -> None:
+    """CLIENT KILL TYPE pubsub on the server, or on every node of a cluster."""
+    from redis.asyncio.cluster import RedisCluster
+
+    options = {"target_nodes": redis.get_nodes()} if isinstance(redis, RedisCluster) else {}
+    await redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub", **options)
 
 
 def adapter_files(directory: Path) -> dict[str, bytes]:

@@ -53,6 +53,7 @@ from services.analytics.sketch import LatencySketch, bucket_value
 from services.common.errors import InvalidArgument
 from services.common.keys import key
 from services.common.names import RECORD_ID, check_adapter_name, check_tenant
+from services.common.redis import run_script_many
 
 MINUTE, HOUR = 60, 3600
 RESOLUTIONS = {MINUTE: "m", HOUR: "h"}
@@ -327,10 +328,8 @@ class AnalyticsCore:
                 w = writes[0]
                 applied = [await self._script(keys=w.keys, args=w.args(ttl))]
             else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for w in writes:
-                        await self._script(keys=w.keys, args=w.args(ttl), client=pipe)
-                    applied = await pipe.execute()
+                calls = [(w.keys, w.args(ttl)) for w in writes]
+                applied = await run_script_many(self.redis, self._script, calls)
             fresh = [w.events for w, a in zip(writes, applied, strict=True) if int(a)]
             DUPLICATE_BATCHES.inc(len(applied) - len(fresh))
             EVENTS_ACCEPTED.inc(sum(fresh))

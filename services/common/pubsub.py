@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from services.common.errors import LoraplexError
 
@@ -45,7 +46,7 @@ class ChannelListener:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: aioredis.Redis | RedisCluster,
         channel: str,
         *,
         name: str = "channel listener",
@@ -110,6 +111,11 @@ class ChannelListener:
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
             try:
+                if isinstance(self._redis, RedisCluster):
+                    # A cluster client learns the slot map on its first command; a
+                    # subscription needs it first. Any node will do: every PUBLISH
+                    # reaches every node.
+                    await self._redis.initialize()
                 await pubsub.subscribe(self.channel)
                 if pubsub.connection is not None:
                     pubsub.connection.register_connect_callback(self._connected_again)

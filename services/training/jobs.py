@@ -88,11 +88,12 @@ if redis.call('HGET', ARGV[5], 'cancel') == '1' then return 1 end
 return 0
 """
 
-# ARGV: job key, token, then field/value pairs. 0 when the lease is not this token's.
+# KEYS[1] the job (declared: on a cluster a script is sent to its first key's node);
+# ARGV: token, then field/value pairs. 0 when the lease is not this token's.
 _UPDATE = """
-if redis.call('HGET', ARGV[1], 'lease') ~= ARGV[2] then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', ARGV[1], ARGV[i], ARGV[i + 1]) end
-redis.call('HINCRBY', ARGV[1], 'rev', 1)
+if redis.call('HGET', KEYS[1], 'lease') ~= ARGV[1] then return 0 end
+for i = 2, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HINCRBY', KEYS[1], 'rev', 1)
 return 1
 """
 
@@ -340,10 +341,11 @@ class JobStore:
         )
 
     async def update(self, lease: Lease, **values: Any) -> bool:
-        args: list[Any] = [job_key(lease.tenant, lease.job_id), lease.token]
+        args: list[Any] = [lease.token]
         for name, value in values.items():
             args += [name, json.dumps(value) if name in _JSON_FIELDS else value]
-        return bool(await self._update(args=args))
+        keys = [job_key(lease.tenant, lease.job_id)]
+        return bool(await self._update(keys=keys, args=args))
 
     async def finish(
         self,

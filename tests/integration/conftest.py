@@ -1,5 +1,9 @@
 """Real gRPC servers (inference with the real model; analytics) on free ports, on the
-session's real Redis, one each per session."""
+session's real Redis, one each per session.
+
+Every integration test runs twice: on a single redis-server and on a Redis Cluster of 3
+masters (`redis_url` is parametrized; pytest groups the tests by it, so each session-wide
+server starts once per kind). On both, no command may span hash slots (tests/slots.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +21,27 @@ from services.common.server import Server
 from services.inference.app import create_server
 from services.inference.core import InferenceCore
 from services.inference.settings import InferenceSettings
+from tests.slots import cross_slot_commands
+
+
+@pytest.fixture(scope="session", params=["single", "cluster"])
+def redis_url(request) -> str:
+    """The single redis-server's URL, then the cluster's."""
+    return request.getfixturevalue(f"{request.param}_redis_url")
+
+
+@pytest.fixture(scope="session")
+def _cross_slot_log():
+    with cross_slot_commands() as seen:
+        yield seen
+
+
+@pytest.fixture(autouse=True)
+def no_cross_slot_commands(_cross_slot_log):
+    """Fails the test during which any command (of a test or a server) spanned slots."""
+    start = len(_cross_slot_log)
+    yield
+    assert _cross_slot_log[start:] == [], "commands whose keys span hash slots"
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from services.experiments import assignment
 from services.experiments.client import ExperimentsClient
 from services.experiments.keys import experiment_key
 from services.experiments.model import Experiment, Status
-from tests.helpers import eventually
+from tests.helpers import eventually, kill_pubsub_connections
 
 pytestmark = pytest.mark.integration
 
@@ -200,7 +200,7 @@ async def test_a_change_missed_while_unsubscribed_is_picked_up_after_resubscribi
         experiment_key(tenant, "sdk"), stored.replace('"status": "running"', '"status": "stopped"')
     )
     reconnects = client._listener.reconnects
-    await exp_redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await kill_pubsub_connections(exp_redis)
     assert await eventually(lambda: client._listener.reconnects > reconnects)
     with pytest.raises(FailedPrecondition):
         await client.assign(tenant, "sdk", "u1")

@@ -18,13 +18,14 @@ import redis.asyncio as aioredis
 
 from loraplex.training.v1 import training_service_pb2_grpc as pb_grpc
 from services.common.channels import open_channel
-from services.common.redis import connect
+from services.common.redis import connect, is_cluster_url
 from services.common.server import Server
 from services.experiments.app import create_server as create_experiments
 from services.experiments.settings import ExperimentsSettings
 from services.training.app import TrainingApp, create_server
 from services.training.settings import TrainingSettings
 from services.training.worker import Worker
+from tests.helpers import database_url
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TrainingServers:
 
 @pytest.fixture(scope="session")
 def training_redis_url(redis_url: str) -> str:
-    return redis_url.rsplit("/", 1)[0] + "/1"
+    return database_url(redis_url, 1)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +56,8 @@ async def training_servers(
     await experiments.start()
     await experiments.set_ready()
     redis = connect(training_redis_url)
-    await redis.flushdb()
+    if not is_cluster_url(training_redis_url):  # on a cluster: everyone's one database
+        await redis.flushdb()
     settings = TrainingSettings(
         port=0,
         redis_url=training_redis_url,
