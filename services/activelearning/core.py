@@ -354,7 +354,7 @@ class ActiveLearningCore:
         chosen_strategy = parse_strategy(strategy or Strategy.TOP_K)
         if adapter:
             check_adapter_name(adapter)
-        selection.check_batch_size(batch_size, max(batch_size, 1))  # <= 0 before any read
+        selection.check_batch_size(batch_size)  # before any read
         pool = await self.queue.open_pool(tenant, self.settings.max_select_pool)
         rows = np.arange(len(pool.ids))
         if adapter:

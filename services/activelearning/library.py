@@ -21,8 +21,8 @@ instead), margin is exact and chosen tokens are `token_ids`, else each row's arg
 A bad candidate (NaN/inf logits, no tokens, mismatched lengths, an empty output) is
 reported in `Selection.rejected` with its index and reason; the others are still ranked.
 Errors of the call itself raise InvalidArgument: an unknown method, logits for a different
-number of candidates, batch_size <= 0 or larger than the valid candidates, or no valid
-candidate at all.
+number of candidates, batch_size <= 0, or no valid candidate at all. A batch_size larger
+than the valid candidates returns all of them, ranked.
 """
 
 from __future__ import annotations

@@ -33,6 +33,11 @@ def test_select_for_feedback_picks_the_most_uncertain_first():
     assert batch.method is UncertaintyMethod.ENTROPY
 
 
+def test_batch_larger_than_the_candidates_returns_all_of_them_ranked():
+    batch = select_for_feedback(model_outputs=OUTPUTS, method="entropy", batch_size=7)
+    assert [e.id for e in batch] == ["o3", "o1", "o5", "o2", "o0", "o4"]
+
+
 def test_selector_with_logits_as_in_the_spec():
     rng = np.random.default_rng(0)
     sharp = np.array([[8.0, 0.0, 0.0, 0.0]] * 3)  # confident
@@ -73,7 +78,6 @@ def test_a_bad_candidate_is_reported_and_the_good_ones_still_selected():
         ({"method": "vibes"}, "UNKNOWN_METHOD"),
         ({"batch_size": 0}, "INVALID_BATCH_SIZE"),
         ({"batch_size": -1}, "INVALID_BATCH_SIZE"),
-        ({"batch_size": 7}, "BATCH_SIZE_EXCEEDS_POOL"),
         ({"strategy": "best"}, "UNKNOWN_STRATEGY"),
     ],
 )
