@@ -237,6 +237,14 @@ async def test_select_over_rest_and_tenant_isolation(client, redis_client, stub)
             "INVALID_ARGUMENT",
         )
         assert error["details"][0]["reason"] == reason
+    # The sampling methods are named like the others; this service has no inference to
+    # sample from.
+    error = assert_error(
+        await client.post("/active-learning/select", headers=shop, json={"method": "sample_eigv"}),
+        400,
+        "FAILED_PRECONDITION",
+    )
+    assert error["details"][0]["reason"] == "SAMPLING_UNAVAILABLE"
     # The bank sees nothing of the shop's.
     assert (await client.get("/feedback/next", params={"reviewer": "b"}, headers=bank)).json() == {
         "item": None

@@ -79,7 +79,9 @@ async def al_with_inference(redis_url, inference) -> AsyncIterator[tuple[object,
     inference_server, _ = inference
     redis = connect(redis_url)
     channel = open_channel(f"127.0.0.1:{inference_server.port}")
-    settings = ActiveLearningSettings(port=0, redis_url=redis_url, shutdown_grace_seconds=0.5)
+    settings = ActiveLearningSettings(
+        port=0, redis_url=redis_url, shutdown_grace_seconds=0.5, embed_with_model=True
+    )
     server, core = create_server(settings, redis, inference_channel=channel)
     await server.start()
     core.start()
