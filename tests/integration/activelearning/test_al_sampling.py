@@ -7,11 +7,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
 from loraplex.activelearning.v1 import activelearning_service_pb2 as pb
-from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as pb_grpc
 from loraplex.common.v1 import common_pb2
 from loraplex.inference.v1 import inference_service_pb2 as ipb
 from services.activelearning.app import create_server
@@ -22,6 +20,7 @@ from services.common.channels import open_channel
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.localhost import free_port
 from services.common.redis import connect
+from tests.integration.activelearning.conftest import al_with_inference_server
 
 pytestmark = pytest.mark.integration
 
@@ -34,25 +33,15 @@ def new_tenant() -> str:
 
 @pytest.fixture(scope="module")
 async def sampling_al(redis_url, inference) -> AsyncIterator[tuple[object, object]]:
-    inference_server, _ = inference
-    redis = connect(redis_url)
-    channel = open_channel(f"127.0.0.1:{inference_server.port}")
-    settings = ActiveLearningSettings(
-        port=0,
-        redis_url=redis_url,
-        shutdown_grace_seconds=0.5,
+    async with al_with_inference_server(
+        redis_url,
+        inference,
         sample_count=SAMPLES,
         sample_max_new_tokens=MAX_TOKENS,
+        sample_temperature=1.0,
         shortlist_factor=2,
-    )
-    server, core = create_server(settings, redis, inference_channel=channel)
-    await server.start()
-    await server.set_ready()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield pb_grpc.ActiveLearningServiceStub(ch), core
-    await server.stop()
-    await channel.close()
-    await redis.aclose()
+    ) as al:
+        yield al
 
 
 def cand(i: int, prompt: str, logprob: float, adapter: str = "") -> pb.Candidate:
