@@ -35,9 +35,10 @@ class ActiveLearningSettings(ServiceSettings):
     # sample_cluster_entropy).
     sample_cluster_similarity: float = 0.5
     # Generations for one SelectUncertain in flight at once (the inference scheduler batches
-    # them), and the longest all of them may take.
+    # them), and the longest all of them may take (below the gateway's 120 s request
+    # timeout, so that a REST caller gets SAMPLING_TIMEOUT rather than a bare deadline).
     sample_concurrency: int = 64
-    sample_timeout_seconds: float = 120.0
+    sample_timeout_seconds: float = 100.0
     # Every submitted candidate enters the feedback queue at once, ordered by its
     # uncertainty under default_method (False: candidates wait in the pool until
     # SelectUncertain picks them).
