@@ -27,7 +27,8 @@ Quality: the adapter's loss on the reference answers of the first `test_dialogue
 dialogues (models/data/retailer/heldout.txt), and the word F1 of its greedy answers there.
 
 Labeling-effort reduction of a method: 1 - b*/B, where B is the largest budget and b* the
-budget at which the method's mean held-out loss reaches random's mean loss at B (linear
+budget at which the method's mean held-out loss (and, separately, word F1) reaches
+random's mean at B (linear
 interpolation in log budget between measured budgets; never reached: reported as "> B", a
 reduction below 0). The 95% interval is a bootstrap over seeds (resampling seeds with
 replacement, paired: the same seeds for random and the method).
@@ -240,6 +241,23 @@ def reduction(
     }
 
 
+def reductions_by_metric(
+    budgets: Sequence[int], curves: dict[str, dict[str, np.ndarray]]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """Every method's reduction by held-out loss, and by word F1 (higher is better: its
+    negative is the curve that must come down to random's)."""
+    sign = {"loss": 1.0, "f1": -1.0}
+    return {
+        metric: {
+            method: reduction(
+                budgets, sign[metric] * curves["random"][metric], sign[metric] * c[metric]
+            )
+            for method, c in curves.items()
+        }
+        for metric in ("loss", "f1")
+    }
+
+
 def finite(value):
     """JSON has no infinity: a budget never reached (and its reduction) becomes null."""
     if isinstance(value, dict):
@@ -322,12 +340,7 @@ def measure(size: Size, out: Path = RESULTS, log: Callable[[str], None] = print)
         }
         for method in size.methods
     }
-    reductions = {}
-    if "random" in curves:
-        for method in size.methods:
-            reductions[method] = reduction(
-                size.budgets, curves["random"]["loss"], curves[method]["loss"]
-            )
+    reductions = reductions_by_metric(size.budgets, curves) if "random" in curves else {}
     result = {
         "size": asdict(size),
         "tenant": TENANT,
@@ -365,15 +378,14 @@ def report(result: dict) -> None:
                 f"{mu:>9.4f} ± {sd:.3f}" for mu, sd in zip(m.mean(0), m.std(0), strict=True)
             )
             print(f"{method:<24}{cells}")
-    print(
-        f"\nlabels to reach random's loss at {budgets[-1]} (reduction, 95% bootstrap CI over seeds)"
-    )
-    for method, r in result["reductions"].items():
-        needed = (
-            f"{r['budget_needed']:.0f}" if math.isfinite(r["budget_needed"]) else f"> {budgets[-1]}"
-        )
-        interval = f"[{percent(r['ci_low'])}, {percent(r['ci_high'])}]"
-        print(f"{method:<24}{needed:>8}   {percent(r['reduction']):>11}  {interval}")
+    for metric, by_method in result["reductions"].items():
+        what = "held-out loss" if metric == "loss" else "word F1"
+        print(f"\nlabels to reach random's {what} at {budgets[-1]} (reduction, 95% CI over seeds)")
+        for method, r in by_method.items():
+            needed = r["budget_needed"]
+            needed = f"{needed:.0f}" if math.isfinite(needed) else f"> {budgets[-1]}"
+            interval = f"[{percent(r['ci_low'])}, {percent(r['ci_high'])}]"
+            print(f"{method:<24}{needed:>8}   {percent(r['reduction']):>11}  {interval}")
     scoring = result["pool_scoring_seconds"]
     print(f"\n{result['seconds']:.0f} s in all ({scoring:.0f} s scoring the pool)")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.bench_labeling_effort import budget_to_reach, reduction
+from bench.bench_labeling_effort import budget_to_reach, reduction, reductions_by_metric
 
 BUDGETS = (25, 50, 100, 200)
 
@@ -41,3 +41,16 @@ def test_interval_widens_with_seed_noise():
     assert got["reduction"] == pytest.approx(0.5)
     assert got["ci_low"] < 0.5 < got["ci_high"]
     assert got["ci_low"] >= 0.0 and got["ci_high"] <= 0.75 + 1e-9
+
+
+def test_f1_reduction_counts_higher_as_better():
+    budgets = (10, 20, 40)
+    curves = {
+        "random": {"loss": np.array([[0.7, 0.6, 0.5]]), "f1": np.array([[0.30, 0.35, 0.40]])},
+        # Reaches random's F1 at 40 (0.40) with 20 labels, but never its loss.
+        "margin": {"loss": np.array([[0.8, 0.7, 0.6]]), "f1": np.array([[0.30, 0.40, 0.45]])},
+    }
+    got = reductions_by_metric(budgets, curves)
+    assert got["f1"]["margin"]["reduction"] == pytest.approx(0.5)
+    assert got["loss"]["margin"]["reduction"] == -math.inf
+    assert got["f1"]["random"]["reduction"] == pytest.approx(0.0)
