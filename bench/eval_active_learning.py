@@ -12,10 +12,18 @@ wrong from right outputs (0.5 = random), and precision@k, the share of wrong out
 the k ranked first, for k = 10% and 20% of the outputs (random selection: the base rate).
 The scores are the service's (services.activelearning.scores), margin both exact (from the
 logits) and as the service approximates it from the chosen token's probability; output
-length is a non-uncertainty baseline. Random rows are the mean over 1,000 shuffles.
+length is a non-uncertainty baseline. Random rows are the mean over 1,000 shuffles; AUROC
+has a 95% bootstrap interval (1,000 resamples of the outputs).
+
+The sampling-based scores (services.activelearning.dispersion) come from K more one-line
+answers per prompt (the service's sample_count, 5), sampled under the same adapter at each
+--temperature (default: the service's sample_temperature), seeds 1..K, many
+prompts per batch (bench.al_common.sample_answers), as the service asks inference for them.
 
     python -m bench.eval_active_learning            # all 3 tenants, every held-out dialogue
     python -m bench.eval_active_learning --limit 50 # the first 50 dialogues per tenant
+    python -m bench.eval_active_learning --temperature 1.0 --temperature 0.7
+    python -m bench.eval_active_learning --offset 15 --limit 30  # dialogues 15..44
 
 Prints a table and writes bench/results/eval_active_learning.json. CPU, deterministic.
 """
@@ -24,81 +32,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
-from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from services.activelearning.scores import UncertaintyMethod, score_tokens
+from bench.al_common import (
+    MODEL,
+    ROOT,
+    SAMPLE_COUNT,
+    SAMPLE_TEMPERATURE,
+    f1,
+    greedy_with_stats,
+    load_adapter_dir,
+    sample_answers,
+    turns,
+)
+from models.corpus import read_split
+from services.activelearning.dispersion import sample_scores
+from services.activelearning.scores import SAMPLING_METHODS, UncertaintyMethod, score_tokens
 from services.inference.engine import Engine
-from services.inference.lora import parse_adapter
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "models" / "loraplex-tiny"
-DATA = ROOT / "models" / "data"
 ADAPTERS = ROOT / "models" / "adapters"
 RESULTS = ROOT / "bench" / "results" / "eval_active_learning.json"
 TENANTS = ("retailer", "bank", "airline")
 WRONG_F1 = 0.5
-MAX_TOKENS = 48
-_WORD = re.compile(r"[a-z0-9$%.]+")
-
-
-def words(text: str) -> list[str]:
-    return [w.strip(".") for w in _WORD.findall(text.lower()) if w.strip(".")]
-
-
-def f1(output: str, reference: str) -> float:
-    out, ref = words(output), words(reference)
-    common = sum((Counter(out) & Counter(ref)).values())
-    if not out or not ref or not common:
-        return 0.0
-    precision, recall = common / len(out), common / len(ref)
-    return 2 * precision * recall / (precision + recall)
-
-
-def turns(path: Path, limit: int | None) -> list[tuple[str, str]]:
-    """(prompt, reference) for every agent line of the first `limit` dialogues."""
-    dialogues = [d for d in path.read_text().split("\n\n") if d.strip()][:limit]
-    out = []
-    for dialogue in dialogues:
-        lines = dialogue.strip().splitlines()
-        for i, line in enumerate(lines):
-            if line.startswith("Agent:"):
-                prompt = "\n".join(lines[:i]) + "\nAgent:"
-                out.append((prompt, line.removeprefix("Agent:").strip()))
-    return out
-
-
-@torch.inference_mode()
-def generate(engine: Engine, prompt: str) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """Greedy, one line: (text, chosen log-probs, entropies, exact top-1/top-2 margins)."""
-    ids = torch.tensor([engine.encode(prompt)])
-    cache, tokens, lps, ents, margins = None, [], [], [], []
-    text = ""
-    for _ in range(MAX_TOKENS):
-        out = engine.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-        cache = out.cache
-        logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
-        token = int(torch.argmax(logp))
-        p = logp.exp()
-        top2 = torch.topk(p, 2).values
-        if token == engine.eos_token_id:
-            break
-        lps.append(float(logp[token]))
-        ents.append(float(-(p * logp).sum()))
-        margins.append(float(top2[0] - top2[1]))
-        tokens.append(token)
-        text = engine.tokenizer.decode(tokens, skip_special_tokens=True)
-        if "\n" in text:
-            text = text[: text.index("\n")]
-            break
-        ids = torch.tensor([[token]])
-    return text.strip(), np.array(lps), np.array(ents), np.array(margins)
 
 
 def auroc(scores: np.ndarray, wrong: np.ndarray) -> float:
@@ -116,24 +75,33 @@ def precision_at(scores: np.ndarray, wrong: np.ndarray, k: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=None, help="dialogues per tenant")
+    parser.add_argument("--offset", type=int, default=0, help="skip the first dialogues")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        action="append",
+        help="sampling temperature of the sample_* scores (repeat for several; default: "
+        "the service's sample_temperature)",
+    )
     args = parser.parse_args()
+    temperatures = args.temperature or [SAMPLE_TEMPERATURE]
     torch.manual_seed(0)
     torch.set_num_threads(1)  # tiny matrices: threads cost more than they give
     started = time.perf_counter()
     engine = Engine(MODEL, device="cpu", dtype="float32")
     rows: list[dict] = []
     for tenant in TENANTS:
-        directory = ADAPTERS / tenant
-        weights = parse_adapter(
-            (directory / "adapter_config.json").read_bytes(),
-            (directory / "adapter_model.safetensors").read_bytes(),
-            engine.linear_shapes,
-            dtype=engine.dtype,
-            device=engine.device,
-        )
+        weights = load_adapter_dir(engine, ADAPTERS / tenant)
+        end = None if args.limit is None else args.offset + args.limit
+        pairs = turns(read_split(tenant, "heldout")[args.offset : end])
+        prompts = [p for p, _ in pairs]
+        sampled = {
+            t: sample_answers(engine, prompts, SAMPLE_COUNT, weights, temperature=t)
+            for t in temperatures
+        }
         with engine.adapters([weights]):
-            for prompt, reference in turns(DATA / tenant / "heldout.txt", args.limit):
-                text, lp, ent, margin = generate(engine, prompt)
+            for n, (prompt, reference) in enumerate(pairs):
+                text, lp, ent, margin = greedy_with_stats(engine, prompt)
                 if not len(lp):
                     rows.append({"tenant": tenant, "f1": 0.0, "empty": True})
                     continue
@@ -153,16 +121,24 @@ def main() -> None:
                         "length (tokens)": float(len(lp)),
                     }
                 )
+                for t, answers in sampled.items():
+                    dispersion = sample_scores(answers[n])
+                    for method in SAMPLING_METHODS:
+                        rows[-1][f"{method.value} (T={t:g})"] = dispersion[method.value]
     scored = [r for r in rows if not r["empty"]]
     wrong = np.array([r["f1"] < WRONG_F1 for r in scored])
     n = len(scored)
     ks = (max(1, n // 10), max(1, n // 5))
     names = [k for k in scored[0] if k not in ("tenant", "f1", "empty")]
     table = {}
+    rng = np.random.default_rng(0)
+    resamples = [rng.integers(0, n, n) for _ in range(1000)]
     for name in names:
         values = np.array([r[name] for r in scored])
+        boot = [auroc(values[i], wrong[i]) for i in resamples if 0 < wrong[i].sum() < n]
         table[name] = {
             "auroc": auroc(values, wrong),
+            "auroc_95ci": [float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
             **{f"precision@{k}": precision_at(values, wrong, k) for k in ks},
         }
     rng = np.random.default_rng(0)
@@ -192,17 +168,21 @@ def main() -> None:
         },
         "scores": table,
         "dialogues_per_tenant": args.limit or "all",
+        "first_dialogue": args.offset,
+        "samples_per_output": SAMPLE_COUNT,
+        "sample_temperatures": temperatures,
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(
         f"{n} outputs ({len(rows) - n} empty left out), {int(wrong.sum())} wrong "
         f"({wrong.mean():.1%}: word F1 < {WRONG_F1} vs the held-out reply)"
     )
-    header = f"{'score':<26} {'AUROC':>6} " + " ".join(f"{'P@' + str(k):>7}" for k in ks)
-    print(header)
+    header = f"{'score':<32} {'AUROC':>6} {'95% CI':>13} "
+    print(header + " ".join(f"{'P@' + str(k):>7}" for k in ks))
     for name, m in table.items():
         cells = " ".join(f"{m[f'precision@{k}']:>7.3f}" for k in ks)
-        print(f"{name:<26} {m['auroc']:>6.3f} {cells}")
+        ci = "{:.3f}-{:.3f}".format(*m["auroc_95ci"]) if "auroc_95ci" in m else ""
+        print(f"{name:<32} {m['auroc']:>6.3f} {ci:>13} {cells}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -15,12 +15,11 @@ from services.common.errors import InvalidArgument
 
 router = APIRouter(prefix="/active-learning", tags=["active-learning"])
 
+# Method names as the contract spells them: UNCERTAINTY_METHOD_SAMPLE_EIGV -> sample_eigv.
 METHODS = {
-    "entropy": alpb.UNCERTAINTY_METHOD_ENTROPY,
-    "max_entropy": alpb.UNCERTAINTY_METHOD_MAX_ENTROPY,
-    "least_confidence": alpb.UNCERTAINTY_METHOD_LEAST_CONFIDENCE,
-    "margin": alpb.UNCERTAINTY_METHOD_MARGIN,
-    "nll": alpb.UNCERTAINTY_METHOD_NLL,
+    name.removeprefix("UNCERTAINTY_METHOD_").lower(): number
+    for name, number in alpb.UncertaintyMethod.items()
+    if number != alpb.UNCERTAINTY_METHOD_UNSPECIFIED
 }
 METHOD_NAMES = {v: k for k, v in METHODS.items()}
 STRATEGIES = {

@@ -19,7 +19,7 @@ async def open_service(
         for name, addr in (
             ("analytics", settings.analytics_addr),
             ("experiments", settings.experiments_addr),
-            ("inference", settings.inference_addr if settings.embed_with_model else None),
+            ("inference", settings.inference_addr),
         )
         if addr
     }

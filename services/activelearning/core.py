@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 
 from services.activelearning import export, selection
 from services.activelearning.agreement import krippendorff_alpha
+from services.activelearning.dispersion import sample_scores
 from services.activelearning.embedder import ModelEmbedder
 from services.activelearning.forward import FeedbackForwarder
 from services.activelearning.queue import (
@@ -32,6 +33,7 @@ from services.activelearning.queue import (
     StoredCandidate,
     prompt_hash,
 )
+from services.activelearning.sampler import Sampler, SampleRequest
 from services.activelearning.scores import (
     COLUMN,
     CandidateError,
@@ -149,17 +151,28 @@ class ActiveLearningCore:
         redis: aioredis.Redis,
         forwarder: FeedbackForwarder | None = None,
         embedder: ModelEmbedder | None = None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.settings = settings
         self.redis = redis
         self.queue = FeedbackQueue(redis, settings.retention_seconds)
         self.forwarder = forwarder
         self.embedder = embedder
+        self.sampler = sampler
         self._embed_jobs: asyncio.Queue[tuple[str, list[str], list[str]]] | None = None
         self._embed_task: asyncio.Task | None = None
         self.default_method = parse_method(settings.default_method)
+        self.shortlist_method = parse_method(settings.shortlist_method)
+        if self.shortlist_method.sampled:
+            raise ValueError("shortlist_method must be a token method (entropy ... nll)")
+        # Auto-queued items are ordered on arrival, before anything is sampled.
+        self.queue_method = (
+            self.shortlist_method if self.default_method.sampled else self.default_method
+        )
         if settings.reviews_per_item < 1:
             raise ValueError("reviews_per_item must be at least 1")
+        if settings.shortlist_factor < 1 or settings.max_sampled_candidates < 1:
+            raise ValueError("shortlist_factor and max_sampled_candidates must be at least 1")
 
     async def ping(self) -> None:
         await self.redis.ping()
@@ -216,7 +229,7 @@ class ActiveLearningCore:
                 raise CandidateError("embedding values must be finite", reason="NOT_FINITE")
         else:
             embedding = np.zeros(0, dtype=np.float32)
-        method = self.default_method
+        method = self.queue_method
         return StoredCandidate(
             id=c.id or f"al-{uuid.uuid4().hex}",
             prompt=c.prompt,
@@ -362,12 +375,18 @@ class ActiveLearningCore:
         chosen_strategy = parse_strategy(strategy or Strategy.TOP_K)
         if adapter:
             check_adapter_name(adapter)
-        selection.check_batch_size(batch_size, max(batch_size, 1))  # <= 0 before any read
+        selection.check_batch_size(batch_size)  # before any read
         pool = await self.queue.open_pool(tenant, self.settings.max_select_pool)
         rows = np.arange(len(pool.ids))
         if adapter:
             rows = np.flatnonzero(np.asarray(pool.adapters, dtype=object) == adapter)
-        values = pool.rank_values[rows, COLUMN[chosen_method]]
+        pool_size = len(rows)
+        if chosen_method.sampled:
+            rows, values = await self._sampled_values(
+                tenant, chosen_method, pool.ids, pool.rank_values, rows, batch_size
+            )
+        else:
+            values = pool.rank_values[rows, COLUMN[chosen_method]]
         picked, skipped = selection.select(
             values,
             pool.embeddings[rows],
@@ -388,7 +407,52 @@ class ActiveLearningCore:
         if not dry_run:
             for item in items:
                 item.fields["method"] = chosen_method.value
-        return SelectResult(items, chosen_method, len(rows), skipped)
+        return SelectResult(items, chosen_method, pool_size, skipped)
+
+    async def _sampled_values(
+        self,
+        tenant: str,
+        method: UncertaintyMethod,
+        ids: list[str],
+        rank_values: np.ndarray,
+        rows: np.ndarray,
+        batch_size: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(the shortlisted rows that have samples, their scores under `method`). The
+        shortlist: the shortlist_factor * batch_size rows ranked first by shortlist_method
+        (at most max_sampled_candidates); rows sampled before keep their scores, the others
+        are sampled now."""
+        if self.sampler is None:
+            raise FailedPrecondition(
+                f"method {method.value} samples answers from the inference service; this "
+                "server has no inference_addr",
+                reason="SAMPLING_UNAVAILABLE",
+            )
+        s = self.settings
+        size = min(len(rows), s.max_sampled_candidates, s.shortlist_factor * batch_size)
+        short = rows[selection.top_k(rank_values[rows, COLUMN[self.shortlist_method]], size)]
+        items = await self.queue.items(tenant, [ids[r] for r in short])
+        todo = [i for i in items if i is not None and method.value not in i.sampled]
+        requests = [
+            SampleRequest(i.get("prompt"), i.get("adapter"), int(i.get("version") or 0))
+            for i in todo
+        ]
+        drawn = await self.sampler.sample(tenant, requests)
+        fresh = {
+            item.id: sample_scores(texts, s.sample_cluster_similarity)
+            for item, texts in zip(todo, drawn, strict=True)
+            if texts is not None
+        }
+        await self.queue.set_sampled(tenant, fresh)
+        keep, values = [], []
+        for row, item in zip(short, items, strict=True):
+            if item is None:  # expired meanwhile
+                continue
+            scores = fresh.get(item.id) or item.sampled
+            if method.value in scores:
+                keep.append(row)
+                values.append(scores[method.value])
+        return np.asarray(keep, dtype=np.int64), np.asarray(values, dtype=np.float64)
 
     # --- the feedback workflow ----------------------------------------------------------
 

@@ -14,25 +14,27 @@ errors (services.common.errors) as the active-learning service:
 A candidate is a mapping or an object with `output` (or `model_output` / `text`), and
 optionally `prompt`, `id`, `adapter`, `token_logprobs` + `token_entropies` (as the inference
 service and the gateway's `loraplex` reply object return them), `token_margins`,
-`token_ids` (the generated tokens, for logits) and `embedding`. With logits (one
+`token_ids` (the generated tokens, for logits), `embedding`, and `samples` (K >= 2 more
+answers sampled for the same prompt: the sample_* methods need them). With logits (one
 [tokens, vocab] array per candidate, None where a candidate brings token statistics
 instead), margin is exact and chosen tokens are `token_ids`, else each row's argmax.
 
 A bad candidate (NaN/inf logits, no tokens, mismatched lengths, an empty output) is
 reported in `Selection.rejected` with its index and reason; the others are still ranked.
 Errors of the call itself raise InvalidArgument: an unknown method, logits for a different
-number of candidates, batch_size <= 0 or larger than the valid candidates, or no valid
-candidate at all.
+number of candidates, batch_size <= 0, or no valid candidate at all. A batch_size larger
+than the valid candidates returns all of them, ranked.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from services.activelearning.dispersion import sample_scores
 from services.activelearning.scores import (
     CandidateError,
     Scores,
@@ -156,6 +158,9 @@ class ActiveLearningSelector:
                             reason="MISSING_TOKEN_STATS",
                         )
                     scores.append(score_tokens(lp, ent, _field(c, "token_margins")))
+                samples = _field(c, "samples")
+                if samples is not None and len(samples) >= 2:
+                    scores[-1] = replace(scores[-1], sampled=sample_scores(list(samples)))
             except CandidateError as err:
                 scores.append(None)
                 rejected.append(Rejected(i, err.reason, err.message))
@@ -175,6 +180,14 @@ class ActiveLearningSelector:
         chosen = parse_method(method) if method is not None else self.method
         how = parse_strategy(strategy) if strategy is not None else self.strategy
         scores, rejected = self.score(candidates, logits)
+        if chosen.sampled:
+            for i, s in enumerate(scores):
+                if s is not None and not s.sampled:
+                    scores[i] = None
+                    rejected.append(
+                        Rejected(i, "MISSING_SAMPLES", f"{chosen} needs >= 2 samples per candidate")
+                    )
+            rejected.sort(key=lambda r: r.index)
         valid = [i for i, s in enumerate(scores) if s is not None]
         if not valid:
             raise InvalidArgument(

@@ -4,6 +4,7 @@ Keys (all under the tenant's hash tag, so each script's keys share one Cluster s
 
     lp:{t}:al:item:<id>        hash    the candidate: prompt, output, adapter, version,
                                        experiment, variant, unit_id, created, scores (JSON),
+                                       sampled (JSON: sampling-based scores, once drawn),
                                        method, priority, phash, state, reviews, required,
                                        lease_reviewer, lease_token, lease_expires
     lp:{t}:al:item:<id>:by     set     reviewers who answered it (never handed to them again)
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 
-from services.activelearning.scores import METHODS
+from services.activelearning.scores import TOKEN_METHODS
 from services.common.keys import key
 
 SELECTED_BASE = 1e12  # queue priority of selected items: above any score
@@ -72,6 +73,20 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - ttl)
 return res
+"""
+
+# KEYS: open (for the slot). ARGV: item prefix, then (id, JSON) pairs. Sets field "sampled"
+# of items that still exist (an expired item is not brought back).
+_SET_SAMPLED = """
+local n = 0
+for i = 2, #ARGV, 2 do
+  local ik = ARGV[1] .. ARGV[i]
+  if redis.call('EXISTS', ik) == 1 then
+    redis.call('HSET', ik, 'sampled', ARGV[i + 1])
+    n = n + 1
+  end
+end
+return n
 """
 
 # KEYS: open, queue. ARGV: item prefix, method, then id, priority pairs. Open items only.
@@ -185,7 +200,7 @@ class StoredCandidate:
     experiment: str
     variant: str
     unit_id: str
-    rank_values: list[float]  # METHODS order (least_confidence: total NLL)
+    rank_values: list[float]  # TOKEN_METHODS order (least_confidence: total NLL)
     scores: dict[str, float]
     embedding: np.ndarray
     priority: float  # queue priority when auto-queued
@@ -205,7 +220,12 @@ class Item:
 
     @property
     def scores(self) -> dict[str, float]:
-        return json.loads(self.get("scores", "{}"))
+        """Every method's score: the token methods', and the sampling methods' once drawn."""
+        return json.loads(self.get("scores", "{}")) | self.sampled
+
+    @property
+    def sampled(self) -> dict[str, float]:
+        return json.loads(self.get("sampled", "{}"))
 
     @property
     def tokens(self) -> dict[str, list]:
@@ -245,6 +265,7 @@ class FeedbackQueue:
         self._next = redis.register_script(_NEXT)
         self._answer = redis.register_script(_ANSWER)
         self._set_feat = redis.register_script(_SET_FEAT)
+        self._set_sampled = redis.register_script(_SET_SAMPLED)
 
     @staticmethod
     def k(tenant: str, *parts: object) -> str:
@@ -305,7 +326,7 @@ class FeedbackQueue:
             keep.append(item_id)
             adapters.append(adapter.decode())
             vectors.append(np.frombuffer(blob, dtype=np.float32))
-        n = len(METHODS)
+        n = len(TOKEN_METHODS)
         width = max((len(v) for v in vectors), default=n)
         # All vectors have the same width (one embedding size per server).
         matrix = np.stack(vectors) if vectors else np.zeros((0, width), np.float32)
@@ -316,7 +337,7 @@ class FeedbackQueue:
         how many were still open."""
         key = self.k(tenant, "feat")
         raw = await self.redis.hmget(key, ids) if ids else []
-        head = len(METHODS) * 4
+        head = len(TOKEN_METHODS) * 4
         args: list[Any] = []
         for item_id, value, vector in zip(ids, raw, embeddings, strict=True):
             if value is None:
@@ -329,6 +350,16 @@ class FeedbackQueue:
         if not args:
             return 0
         return int(await self._set_feat(keys=[key], args=args))
+
+    async def set_sampled(self, tenant: str, scores: dict[str, dict[str, float]]) -> int:
+        """Keep items' sampling-based scores (id -> method -> score); returns how many of
+        the items still exist."""
+        if not scores:
+            return 0
+        args: list[Any] = [self.item_prefix(tenant)]
+        for item_id, values in scores.items():
+            args += [item_id, json.dumps(values)]
+        return int(await self._set_sampled(keys=[self.k(tenant, "open")], args=args))
 
     async def enqueue(self, tenant: str, method: str, priorities: list[tuple[str, float]]) -> int:
         args: list[Any] = [self.item_prefix(tenant), method]

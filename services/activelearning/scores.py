@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import numpy as np
@@ -35,18 +35,34 @@ from services.common.errors import InvalidArgument
 
 
 class UncertaintyMethod(enum.StrEnum):
-    """The product spec's method names: `UncertaintyMethod("entropy")`, `.MARGIN`, ..."""
+    """The product spec's method names: `UncertaintyMethod("entropy")`, `.MARGIN`, ...
+
+    The first five score the served output's tokens (free: inference returns the token
+    statistics with every completion). The sample_* ones measure how much K more sampled
+    answers to the same prompt disagree (services.activelearning.dispersion): K more
+    generations per candidate, so they are computed only when asked for, off the serving
+    path, for a shortlist."""
 
     ENTROPY = "entropy"
     MAX_ENTROPY = "max_entropy"
     LEAST_CONFIDENCE = "least_confidence"
     MARGIN = "margin"
     NLL = "nll"
+    SAMPLE_JACCARD = "sample_jaccard"
+    SAMPLE_ROUGE_L = "sample_rouge_l"
+    SAMPLE_CLUSTERS = "sample_clusters"
+    SAMPLE_CLUSTER_ENTROPY = "sample_cluster_entropy"
+    SAMPLE_EIGV = "sample_eigv"
+
+    @property
+    def sampled(self) -> bool:
+        return self.value.startswith("sample_")
 
 
-METHODS = tuple(UncertaintyMethod)
-# Column of each method in a scores matrix (rows: candidates).
-COLUMN = {m: i for i, m in enumerate(METHODS)}
+TOKEN_METHODS = tuple(m for m in UncertaintyMethod if not m.sampled)
+SAMPLING_METHODS = tuple(m for m in UncertaintyMethod if m.sampled)
+# Column of each token method in a scores matrix (rows: candidates).
+COLUMN = {m: i for i, m in enumerate(TOKEN_METHODS)}
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -74,8 +90,12 @@ class Scores:
     margin: float
     nll: float
     tokens: int
+    # The sampling-based scores by method name, when samples were drawn.
+    sampled: dict[str, float] = field(default_factory=dict)
 
     def value(self, method: UncertaintyMethod) -> float:
+        if method.sampled:
+            return self.sampled[method.value]
         return getattr(self, method.value)
 
     def rank_value(self, method: UncertaintyMethod) -> float:
@@ -185,8 +205,8 @@ def score_logits(logits: np.ndarray, token_ids: Sequence[int] | None = None) -> 
 
 def ragged_scores(logprobs: np.ndarray, entropies: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Vectorised scores of many outputs whose per-token statistics are concatenated
-    (lengths[i] tokens each, all >= 1, inputs already validated): a [n, 5] matrix in METHODS
-    order, with column least_confidence holding total NLL (its rank value)."""
+    (lengths[i] tokens each, all >= 1, inputs already validated): a [n, 5] matrix in
+    TOKEN_METHODS order, with column least_confidence holding total NLL (its rank value)."""
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
     n = lengths.astype(np.float64)
     ent_sum = np.add.reduceat(entropies, starts, dtype=np.float64)
@@ -195,7 +215,7 @@ def ragged_scores(logprobs: np.ndarray, entropies: np.ndarray, lengths: np.ndarr
     margin *= 2
     margin -= 1
     np.clip(margin, 0.0, 1.0, out=margin)
-    out = np.empty((len(lengths), len(METHODS)))
+    out = np.empty((len(lengths), len(TOKEN_METHODS)))
     out[:, COLUMN[UncertaintyMethod.ENTROPY]] = ent_sum / n
     out[:, COLUMN[UncertaintyMethod.MAX_ENTROPY]] = np.maximum.reduceat(entropies, starts)
     out[:, COLUMN[UncertaintyMethod.LEAST_CONFIDENCE]] = -lp_sum

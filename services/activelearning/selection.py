@@ -36,16 +36,12 @@ def parse_strategy(strategy: Strategy | str) -> Strategy:
     return parse_choice(Strategy, strategy, "selection strategy", "UNKNOWN_STRATEGY")
 
 
-def check_batch_size(batch_size: int, pool: int) -> None:
+def check_batch_size(batch_size: int) -> None:
+    """batch_size must be positive; one larger than the pool takes the whole pool, as a
+    LIMIT would."""
     if batch_size <= 0:
         raise InvalidArgument(
             f"batch_size must be at least 1, got {batch_size}", reason="INVALID_BATCH_SIZE"
-        )
-    if batch_size > pool:
-        raise InvalidArgument(
-            f"batch_size {batch_size} is larger than the pool of {pool} candidates",
-            reason="BATCH_SIZE_EXCEEDS_POOL",
-            pool_size=str(pool),
         )
 
 
@@ -121,11 +117,14 @@ def select(
     hybrid_factor: int = 10,
     duplicate_threshold: float = 0.9,
 ) -> tuple[np.ndarray, int]:
-    """(indices of the batch in selection order, near-duplicates skipped). The batch has k
-    items unless near-duplicates leave fewer distinct ones."""
-    check_batch_size(k, len(scores))
-    unit = normalize_rows(embeddings)
+    """(indices of the batch in selection order, near-duplicates skipped). The batch has
+    min(k, pool) items unless near-duplicates leave fewer distinct ones."""
+    check_batch_size(k)
     n = len(scores)
+    k = min(k, n)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    unit = normalize_rows(embeddings)
     # Orders a little longer than k leave room for skipped near-duplicates; if they still
     # leave fewer than k, the whole pool is ordered.
     for length in (min(n, 2 * k + 16), n):

@@ -13,8 +13,32 @@ class ActiveLearningSettings(ServiceSettings):
     port: int = 50054
     metrics_port: int = 9154
     # Uncertainty method where a request names none (and the queue order of auto-queued
-    # items): entropy, max_entropy, least_confidence, margin or nll.
+    # items, unless it is a sampling method: then shortlist_method orders them): entropy,
+    # max_entropy, least_confidence, margin, nll, or a sampling method (sample_jaccard,
+    # sample_rouge_l, sample_clusters, sample_cluster_entropy, sample_eigv; these need
+    # inference_addr).
     default_method: str = "entropy"
+    # Sampling methods score only a shortlist: the shortlist_factor * batch_size open
+    # candidates ranked first by this token method (which costs nothing more), at most
+    # max_sampled_candidates. Each shortlisted candidate costs sample_count more generations
+    # (once: its scores are kept); 3 * 10 * 5 = 150 for a batch of 10 with the defaults.
+    shortlist_method: str = "margin"
+    shortlist_factor: int = 3
+    max_sampled_candidates: int = 200
+    # Samples per candidate (seeds 1..sample_count, so the same candidate always gets the same
+    # samples), their temperature and length. 0.7 found wrong outputs better than 1.0 in
+    # bench/eval_active_learning.py (docs/active-learning.md).
+    sample_count: int = 5
+    sample_temperature: float = 0.7
+    sample_max_new_tokens: int = 64
+    # Samples with ROUGE-L F1 at least this are one answer (sample_clusters and
+    # sample_cluster_entropy).
+    sample_cluster_similarity: float = 0.5
+    # Generations for one SelectUncertain in flight at once (the inference scheduler batches
+    # them), and the longest all of them may take (below the gateway's 120 s request
+    # timeout, so that a REST caller gets SAMPLING_TIMEOUT rather than a bare deadline).
+    sample_concurrency: int = 64
+    sample_timeout_seconds: float = 100.0
     # Every submitted candidate enters the feedback queue at once, ordered by its
     # uncertainty under default_method (False: candidates wait in the pool until
     # SelectUncertain picks them).
@@ -47,9 +71,10 @@ class ActiveLearningSettings(ServiceSettings):
     experiments_addr: str | None = None
     # Forwarded feedback is sent in batches at least this often (and on shutdown).
     feedback_flush_seconds: float = 1.0
-    # host:port of the inference service: candidates without an embedding are stored with
-    # hashed n-grams, then get the base model's (Embed RPC) in the background; unset, or
-    # when that fails, they keep the n-grams.
+    # host:port of the inference service: sampling methods generate there, and with
+    # embed_with_model candidates without an embedding are stored with hashed n-grams, then
+    # get the base model's (Embed RPC) in the background; unset, or when that fails, they
+    # keep the n-grams.
     inference_addr: str | None = None
     # Off by default: each candidate then costs a forward pass on the model that serves
     # generation (on a 2-core CPU that slowed completions through the gateway several

@@ -3,6 +3,7 @@ forwards feedback to real analytics and experiments servers (also on free ports)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -76,3 +77,29 @@ async def al_stub(al_servers: Servers) -> AsyncIterator[pb_grpc.ActiveLearningSe
 async def analytics_stub(al_servers: Servers) -> AsyncIterator[apb_grpc.AnalyticsServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{al_servers.analytics.port}") as ch:
         yield apb_grpc.AnalyticsServiceStub(ch)
+
+
+@contextlib.asynccontextmanager
+async def al_with_inference_server(
+    redis_url: str, inference, **overrides
+) -> AsyncIterator[tuple[pb_grpc.ActiveLearningServiceStub, ActiveLearningCore]]:
+    """A real active-learning server whose inference channel reaches the real inference
+    server, with these settings overridden."""
+    inference_server, _ = inference
+    redis = connect(redis_url)
+    channel = open_channel(f"127.0.0.1:{inference_server.port}")
+    settings = ActiveLearningSettings(
+        port=0, redis_url=redis_url, shutdown_grace_seconds=0.5, **overrides
+    )
+    server, core = create_server(settings, redis, inference_channel=channel)
+    await server.start()
+    core.start()
+    await server.set_ready()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+            yield pb_grpc.ActiveLearningServiceStub(ch), core
+    finally:
+        await server.stop()
+        await core.close()
+        await channel.close()
+        await redis.aclose()

@@ -9,17 +9,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import grpc
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
 from loraplex.activelearning.v1 import activelearning_service_pb2 as pb
-from loraplex.activelearning.v1 import activelearning_service_pb2_grpc as pb_grpc
 from loraplex.inference.v1 import inference_service_pb2 as ipb
 from loraplex.inference.v1 import inference_service_pb2_grpc as ipb_grpc
 from services.activelearning import selection
-from services.activelearning.app import create_server
 from services.activelearning.core import ActiveLearningCore, CandidateIn
 from services.activelearning.embedder import ModelEmbedder
 from services.activelearning.scores import COLUMN, UncertaintyMethod
@@ -27,6 +24,7 @@ from services.activelearning.settings import ActiveLearningSettings
 from services.common.channels import open_channel
 from services.common.localhost import free_port
 from services.common.redis import connect
+from tests.integration.activelearning.conftest import al_with_inference_server
 
 pytestmark = pytest.mark.integration
 
@@ -76,20 +74,8 @@ def counter(source: str) -> float:
 
 @pytest.fixture(scope="module")
 async def al_with_inference(redis_url, inference) -> AsyncIterator[tuple[object, object]]:
-    inference_server, _ = inference
-    redis = connect(redis_url)
-    channel = open_channel(f"127.0.0.1:{inference_server.port}")
-    settings = ActiveLearningSettings(port=0, redis_url=redis_url, shutdown_grace_seconds=0.5)
-    server, core = create_server(settings, redis, inference_channel=channel)
-    await server.start()
-    core.start()
-    await server.set_ready()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
-        yield pb_grpc.ActiveLearningServiceStub(ch), core
-    await server.stop()
-    await core.close()
-    await channel.close()
-    await redis.aclose()
+    async with al_with_inference_server(redis_url, inference, embed_with_model=True) as al:
+        yield al
 
 
 async def embed(stub: ipb_grpc.InferenceServiceStub, tenant: str, texts) -> np.ndarray:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from services import ActiveLearningSelector, UncertaintyMethod, select_for_feedback
+from services.activelearning.scores import TOKEN_METHODS
 from services.common.errors import InvalidArgument
 
 
@@ -33,12 +34,17 @@ def test_select_for_feedback_picks_the_most_uncertain_first():
     assert batch.method is UncertaintyMethod.ENTROPY
 
 
+def test_batch_larger_than_the_candidates_returns_all_of_them_ranked():
+    batch = select_for_feedback(model_outputs=OUTPUTS, method="entropy", batch_size=7)
+    assert [e.id for e in batch] == ["o3", "o1", "o5", "o2", "o0", "o4"]
+
+
 def test_selector_with_logits_as_in_the_spec():
     rng = np.random.default_rng(0)
     sharp = np.array([[8.0, 0.0, 0.0, 0.0]] * 3)  # confident
     flat = rng.normal(0, 0.01, (3, 4))  # nearly uniform
     candidates = [{"prompt": "a", "output": "x"}, {"prompt": "b", "output": "y"}]
-    for method in UncertaintyMethod:
+    for method in TOKEN_METHODS:
         picked = ActiveLearningSelector(method=method).select_uncertain_examples(
             candidates=candidates, logits=[sharp, flat]
         )
@@ -73,7 +79,6 @@ def test_a_bad_candidate_is_reported_and_the_good_ones_still_selected():
         ({"method": "vibes"}, "UNKNOWN_METHOD"),
         ({"batch_size": 0}, "INVALID_BATCH_SIZE"),
         ({"batch_size": -1}, "INVALID_BATCH_SIZE"),
-        ({"batch_size": 7}, "BATCH_SIZE_EXCEEDS_POOL"),
         ({"strategy": "best"}, "UNKNOWN_STRATEGY"),
     ],
 )
@@ -111,3 +116,18 @@ def test_hybrid_keeps_near_copies_out_of_one_batch():
     batch = select_for_feedback(copies + OUTPUTS, batch_size=3, strategy="hybrid")
     assert sum(e.prompt == "Where is my order?" for e in batch) == 1
     assert batch.near_duplicates == 0  # hybrid spread them out before de-duplication
+
+
+def test_sampling_methods_rank_by_how_much_the_samples_disagree():
+    agree = output(0, 2.0) | {"samples": ["It ships Monday."] * 3}
+    split = output(1, 0.1) | {"samples": ["It ships Monday.", "It ships Monday.", "No idea."]}
+    scattered = output(2, 0.5) | {"samples": ["Monday.", "Refunds take days.", "Call us."]}
+    unsampled = output(3, 3.0)
+    batch = select_for_feedback(
+        [agree, split, scattered, unsampled], method="sample_clusters", batch_size=3
+    )
+    assert [e.id for e in batch] == ["o2", "o1", "o0"]  # 3, 2 and 1 distinct answers
+    assert [e.score for e in batch] == [3, 2, 1]
+    assert batch[0].scores.entropy == pytest.approx(0.5)  # token scores are still there
+    assert [(r.index, r.reason) for r in batch.rejected] == [(3, "MISSING_SAMPLES")]
+    assert batch.method is UncertaintyMethod.SAMPLE_CLUSTERS

@@ -68,16 +68,24 @@ def test_text_embedding_similarity():
     assert float(a @ text_embedding("The weather in Lisbon is mild in spring.")) < 0.5
 
 
-@pytest.mark.parametrize(
-    ("k", "reason"),
-    [(0, "INVALID_BATCH_SIZE"), (-3, "INVALID_BATCH_SIZE"), (6, "BATCH_SIZE_EXCEEDS_POOL")],
-)
-def test_batch_size_out_of_range(k, reason):
+@pytest.mark.parametrize("k", [0, -3])
+def test_batch_size_out_of_range(k):
     with pytest.raises(InvalidArgument) as err:
-        check_batch_size(k, 5)
-    assert err.value.reason == reason
+        check_batch_size(k)
+    assert err.value.reason == "INVALID_BATCH_SIZE"
     with pytest.raises(InvalidArgument):
         select(np.ones(5), np.eye(5), k, Strategy.TOP_K)
+
+
+@pytest.mark.parametrize("strategy", list(Strategy))
+def test_batch_larger_than_the_pool_takes_the_whole_pool(strategy):
+    scores = np.array([0.2, 0.9, 0.5, 0.7, 0.1])
+    picked, skipped = select(scores, np.eye(5), 50, strategy)
+    assert sorted(picked.tolist()) == [0, 1, 2, 3, 4] and skipped == 0
+    if strategy is Strategy.TOP_K:
+        assert picked.tolist() == [1, 3, 2, 0, 4]  # ranked, most uncertain first
+    empty, skipped = select(np.zeros(0), np.zeros((0, 5)), 3, strategy)
+    assert empty.tolist() == [] and skipped == 0
 
 
 def test_unknown_strategy():
