@@ -20,8 +20,9 @@ from services.training.worker import Worker
 from tests.helpers import eventually, new_tenant
 from tests.integration.training.test_training_service import sft_request, watch
 
-# A generous limit: two model loads and a worker process start on a shared 2-core machine.
-pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(200)]
+# A generous limit: two model loads and a worker process start on a shared 2-core machine
+# (200 s was once not enough while a benchmark ran beside the suite).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 # Single Redis only: the rescue is about a process dying, not Redis's topology. On the test
